@@ -1,0 +1,121 @@
+"""The `hpcaux` command: train, eval, data.
+
+A UserError anywhere becomes one line `hpcaux: error: ...` on stderr (from rank 0 only
+when launched with several ranks) and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hpcaux.comm import launch
+from hpcaux.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcaux", description="Layer-parallel ResNet training with auxiliary-variable networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model (serial, or layer-parallel under mpirun/srun/horovodrun)",
+                           description="Train a model. Layer-parallel runs need parallel.K x parallel.D ranks.")
+    train.add_argument("--config", required=True, help="YAML file under configs/")
+    train.add_argument("--out", required=True, help="run directory (created; an existing run is refused)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
+
+    ev = sub.add_parser("eval", help="re-evaluate a finished run from its latest checkpoint",
+                        description="Accuracy of the composed network of a run, in one process (no MPI needed).")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--subset", type=int, default=0, help="stratified test subset (0 = full test set)")
+    ev.add_argument("--data-root", help="data root, if it moved since training")
+
+    data = sub.add_parser("data", help="prepare a data set in the standard layout",
+                          description="Lay out CIFAR in the standard python-pickle format from the original release "
+                                      "tarball or from a JPEG-folder archive (train/<class>/, test/<class>/).")
+    data.add_argument("dataset", choices=["cifar10", "cifar100"])
+    data.add_argument("dest", help="destination root (gets cifar-10-batches-py/ or cifar-100-python/)")
+    data.add_argument("--from", dest="archive", required=True, help="archive to read")
+    return parser
+
+
+def _train(args) -> int:
+    from hpcaux.config import load_config
+    from hpcaux.train.rundir import check_run_dir
+    from hpcaux.train.runtime import select_device, set_threads
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.out)
+    device = select_device(launch.local_rank())
+    set_threads(cfg.train.threads)
+    if cfg.method == "serial":
+        if launch.world_size() > 1:
+            raise UserError(f"method serial runs in one process, but {launch.world_size()} ranks were launched")
+        check_run_dir(run_dir, args.overwrite)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        from hpcaux.train.runtime import seed_everything
+        from hpcaux.train.serial import train_serial
+        seed_everything(cfg.seed)
+        summary = train_serial(cfg, run_dir, device)
+    else:
+        summary = _train_layer_parallel(cfg, run_dir, device, args.overwrite)
+    if launch.world_rank() == 0:
+        print(json.dumps({k: summary[k] for k in ("method", "model", "K", "D", "epochs", "test_acc",
+                                                  "train_samples_per_s", "wall_s")}))
+    return 0
+
+
+def _train_layer_parallel(cfg, run_dir: Path, device, overwrite: bool) -> dict:
+    from hpcaux.comm import create_comm
+    from hpcaux.train.layer_parallel import LayerParallelTrainer
+    from hpcaux.train.rundir import check_run_dir
+
+    comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
+    # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
+    problem = None
+    if comm.rank == 0:
+        try:
+            check_run_dir(run_dir, overwrite)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        except UserError as err:
+            problem = str(err)
+    problem = comm.broadcast_object(problem, root=0)
+    if problem:
+        raise UserError(problem)
+    try:
+        return LayerParallelTrainer(cfg, run_dir, comm, device).run()
+    finally:
+        comm.finalize()
+
+
+def _eval(args) -> int:
+    from hpcaux.train.reevaluate import evaluate_run
+
+    result = evaluate_run(Path(args.run), subset=args.subset, data_root=args.data_root)
+    print(json.dumps(result))
+    return 0
+
+
+def _data(args) -> int:
+    from hpcaux.data.prepare import prepare
+
+    folder = prepare(args.dataset, args.dest, args.archive)
+    print(f"{args.dataset} ready in {folder}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval, "data": _data}[args.command](args)
+    except UserError as err:
+        if launch.world_rank() == 0:
+            print(f"hpcaux: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Collectives for hpcaux: one interface (base.Comm), three backends, chosen by config.
+
+`create_comm(backend, timeout_s, device)` returns a Comm. A backend that is not installed
+is a UserError naming the backend and how to get it, not an ImportError traceback.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from hpcaux.comm.base import Comm, Group
+from hpcaux.errors import UserError
+
+REQUIRES = {"horovod": ("horovod", "pip install '.[horovod]' (see scripts/install.sh)"),
+            "mpi4py": ("mpi4py", "pip install mpi4py"),
+            "torch": ("torch", "pip install torch")}
+
+
+def available_backends() -> list[str]:
+    return [name for name, (module, _) in REQUIRES.items() if importlib.util.find_spec(module)]
+
+
+def create_comm(backend: str, timeout_s: float = 300.0, device: torch.device | None = None) -> Comm:
+    if backend not in REQUIRES:
+        raise UserError(f"unknown comm backend '{backend}' (choose from {', '.join(REQUIRES)})")
+    module, how = REQUIRES[backend]
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"comm backend '{backend}' is not installed: {how}, or set comm.backend=torch")
+    if backend == "horovod":
+        from hpcaux.comm.horovod_backend import HorovodComm
+        return HorovodComm(timeout_s)
+    if backend == "mpi4py":
+        from hpcaux.comm.mpi4py_backend import Mpi4pyComm
+        return Mpi4pyComm(timeout_s)
+    from hpcaux.comm.torch_backend import TorchComm
+    return TorchComm(timeout_s, device or torch.device("cpu"))
+
+
+__all__ = ["Comm", "Group", "create_comm", "available_backends"]

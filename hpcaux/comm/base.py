@@ -1,0 +1,119 @@
+"""The collective interface every hpcaux module talks to (DESIGN.md section 2).
+
+Backends implement a handful of primitives on a single flat tensor; this base class
+packs tensor lists into one buffer (one collective per call, however many tensors), and
+runs every blocking call under the watchdog so that a lost peer aborts the job with a
+line saying who waited on what.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from hpcaux.comm.watchdog import Watchdog
+
+
+@dataclass
+class Group:
+    """A sub-set of world ranks (a process set); `handle` is the backend's object."""
+    ranks: list
+    handle: object = field(default=None, repr=False)
+
+
+class Comm(abc.ABC):
+    name = "base"
+
+    def __init__(self, rank: int, size: int, local_rank: int, timeout_s: float):
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.world = Group(list(range(size)))
+        self.watchdog = Watchdog(rank, timeout_s, self.abort)
+
+    # --- what backends provide -------------------------------------------------------
+    @abc.abstractmethod
+    def _allreduce_sum(self, flat: torch.Tensor, group: Group): ...
+
+    @abc.abstractmethod
+    def _broadcast(self, flat: torch.Tensor, root: int, group: Group): ...
+
+    @abc.abstractmethod
+    def _send(self, tensor: torch.Tensor, dst: int): ...
+
+    @abc.abstractmethod
+    def _recv(self, tensor: torch.Tensor, src: int): ...
+
+    @abc.abstractmethod
+    def _new_group(self, ranks: list) -> object: ...
+
+    @abc.abstractmethod
+    def abort(self, code: int = 1): ...
+
+    def finalize(self):
+        """Release backend resources; the default has none."""
+
+    # --- the interface -----------------------------------------------------------------
+    def new_group(self, ranks) -> Group:
+        """Create a process set; every world rank must call this, in the same order."""
+        ranks = sorted(ranks)
+        if len(ranks) == 1:
+            return Group(ranks)  # nothing to reduce over; no backend object needed
+        if ranks == self.world.ranks:
+            return self.world
+        with self.watchdog.guard(f"new_group({ranks})", self.world.ranks):
+            return Group(ranks, self._new_group(ranks))
+
+    def allreduce(self, tensors, op: str = "sum", group: Group | None = None, what: str = "allreduce"):
+        """In-place sum or mean of a list of tensors over `group`, as one collective."""
+        group = group or self.world
+        tensors = list(tensors)
+        if len(group.ranks) == 1 or not tensors:
+            return tensors
+        flat = _flatten_dense_tensors([t.detach() for t in tensors])
+        with self.watchdog.guard(f"{what} of {flat.numel()} values", group.ranks):
+            self._allreduce_sum(flat, group)
+        if op == "mean":
+            flat /= len(group.ranks)
+        elif op != "sum":
+            raise ValueError(f"unknown reduction {op!r}")
+        for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            t.detach().copy_(reduced)
+        return tensors
+
+    def broadcast(self, tensors, root: int = 0, group: Group | None = None, what: str = "broadcast"):
+        group = group or self.world
+        tensors = list(tensors)
+        if len(group.ranks) == 1 or not tensors:
+            return tensors
+        flat = _flatten_dense_tensors([t.detach() for t in tensors])
+        with self.watchdog.guard(f"{what} from rank {root}", group.ranks):
+            self._broadcast(flat, root, group)
+        for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+            t.detach().copy_(value)
+        return tensors
+
+    def broadcast_object(self, obj, root: int = 0):
+        """A picklable object from `root` to every rank (small things: cut points, config)."""
+        import pickle
+
+        payload = pickle.dumps(obj) if self.rank == root else b""
+        length = torch.tensor([len(payload)], dtype=torch.int64)
+        self.broadcast([length], root, what="broadcast_object size")
+        buf = torch.zeros(int(length), dtype=torch.uint8)
+        if self.rank == root:
+            buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+        self.broadcast([buf], root, what="broadcast_object")
+        return pickle.loads(buf.numpy().tobytes())
+
+    def send(self, tensor: torch.Tensor, dst: int, what: str = "send"):
+        with self.watchdog.guard(f"{what} to rank {dst}", [self.rank, dst]):
+            self._send(tensor.contiguous(), dst)
+
+    def recv(self, tensor: torch.Tensor, src: int, what: str = "recv"):
+        with self.watchdog.guard(f"{what} from rank {src}", [src, self.rank]):
+            self._recv(tensor, src)
+        return tensor
+
+    def barrier(self, what: str = "barrier"):
+        self.allreduce([torch.zeros(1)], what=what)

@@ -1,0 +1,83 @@
+"""torch.distributed backend: gloo on the CPU, NCCL when the tensors live on GPUs.
+
+Under mpirun or srun there is no MASTER_ADDR; rank 0 then picks its host name and a free
+port and hands them to the others over MPI (mpi4py), the one thing MPI is used for here.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from hpcaux.comm import launch
+from hpcaux.comm.base import Comm, Group
+
+
+def _rendezvous_address() -> tuple[str, str]:
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    from mpi4py import MPI
+
+    address = None
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            address = (socket.gethostname(), str(s.getsockname()[1]))
+    return MPI.COMM_WORLD.bcast(address, root=0)
+
+
+class TorchComm(Comm):
+    name = "torch"
+
+    def __init__(self, timeout_s: float, device: torch.device):
+        rank, size = launch.world_rank(), launch.world_size()
+        addr, port = _rendezvous_address() if size > 1 else ("127.0.0.1", "0")
+        self.device = device
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if size > 1:
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                    world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+        super().__init__(rank, size, launch.local_rank(), timeout_s)
+
+    def _on_device(self, t):
+        return t if t.device == self.device or self.device.type == "cpu" else t.to(self.device)
+
+    def _new_group(self, ranks):
+        return dist.new_group(ranks) if self.size > 1 else None
+
+    def _allreduce_sum(self, flat, group: Group):
+        buf = self._on_device(flat)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group.handle)
+        if buf is not flat:
+            flat.copy_(buf)
+
+    def _broadcast(self, flat, root, group: Group):
+        buf = self._on_device(flat)
+        dist.broadcast(buf, src=root, group=group.handle)
+        if buf is not flat:
+            flat.copy_(buf)
+
+    def _send(self, tensor, dst):
+        dist.send(self._on_device(tensor), dst)
+
+    def _recv(self, tensor, src):
+        buf = self._on_device(tensor)
+        dist.recv(buf, src)
+        if buf is not tensor:
+            tensor.copy_(buf)
+
+    def abort(self, code: int = 1):
+        if launch.launched_by_mpi():
+            try:
+                from mpi4py import MPI
+                MPI.COMM_WORLD.Abort(code)
+            except ImportError:
+                pass
+        os._exit(code)
+
+    def finalize(self):
+        if dist.is_initialized():
+            dist.destroy_process_group()

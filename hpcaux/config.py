@@ -1,0 +1,268 @@
+"""Run configuration: dataclasses, YAML loading, `key=value` overrides, validation.
+
+Every key a user can set lives in one of the dataclasses below, so the dataclasses are
+the reference (docs/configuration.md is generated from them and checked by a test).
+Validation happens before anything is written: an unknown key, a wrong type or an
+impossible value raises UserError naming the dotted key, with the closest valid key
+when it looks like a typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hpcaux.errors import UserError
+
+MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+          "wrn16_4", "wrn28_10", "resnet50")
+DATASETS = ("cifar10", "cifar100", "imagenet")
+
+
+@dataclass
+class DataConfig:
+    """Where the data set is and how much of it to use."""
+    dataset: str = field(default="cifar10", metadata={"choices": DATASETS})
+    root: str = field(default="data", metadata={"help": "folder holding cifar-10-batches-py/ (or the ImageNet train/ and val/ folders)"})
+    train_subset: int = field(default=0, metadata={"min": 0, "help": "stratified, seeded subset of the training set; 0 = all"})
+    test_subset: int = field(default=0, metadata={"min": 0, "help": "stratified subset of the test set for the final evaluation; 0 = all"})
+    eval_subset: int = field(default=2000, metadata={"min": 0, "help": "held-out images for the per-epoch metrics; 0 = the whole test set"})
+    augment: bool = field(default=True, metadata={"help": "random crop (4-pixel padding) and horizontal flip"})
+    workers: int = field(default=4, metadata={"min": 0, "help": "loader workers (ImageNet only)"})
+
+
+@dataclass
+class ModelConfig:
+    arch: str = field(default="resnet20", metadata={"choices": MODELS})
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=10, metadata={"min": 1})
+    batch_size: int = field(default=128, metadata={"min": 1, "help": "per replica"})
+    eval_batch_size: int = field(default=500, metadata={"min": 1})
+    threads: int = field(default=0, metadata={"min": 0, "help": "torch threads per rank; 0 = cores / ranks on this node"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=0.1, metadata={"min_exclusive": 0.0})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=5e-4, metadata={"min": 0.0})
+    nesterov: bool = False
+    schedule: str = field(default="cosine", metadata={"choices": ("cosine", "step", "constant")})
+    milestones: typing.List[float] = field(default_factory=lambda: [0.5, 0.75], metadata={"help": "step schedule: fractions of the run where lr *= gamma"})
+    gamma: float = field(default=0.1, metadata={"min_exclusive": 0.0})
+    warmup_epochs: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class ParallelConfig:
+    K: int = field(default=1, metadata={"min": 1, "help": "number of stages (ranks per replica)"})
+    D: int = field(default=1, metadata={"min": 1, "help": "data-parallel replicas of each stage"})
+    balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages"})
+    cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
+
+
+@dataclass
+class CommConfig:
+    backend: str = field(default="horovod", metadata={"choices": ("horovod", "torch", "mpi4py")})
+    timeout_s: float = field(default=300.0, metadata={"min_exclusive": 0.0, "help": "watchdog: a collective or send/recv that waits longer aborts the job"})
+
+
+@dataclass
+class AuxNetConfig:
+    """The auxiliary-variable network: its cost per step bounds the speedup."""
+    width: int = field(default=32, metadata={"min": 1})
+    depth: int = field(default=2, metadata={"min": 1, "help": "3x3 conv layers of the trunk at half resolution"})
+
+
+@dataclass
+class LayerParallelConfig:
+    """The joint objective of DESIGN.md section 1."""
+    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al")})
+    rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
+    rho_growth: float = field(default=1.2, metadata={"min": 1.0, "help": "rho *= rho_growth after every epoch"})
+    rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
+    multipliers: str = field(default="none", metadata={"choices": ("none", "per_sample")})
+    aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored")})
+    z_lr: float = field(default=1.0, metadata={"min_exclusive": 0.0, "help": "step size of the stored auxiliary variables (aux_source: stored)"})
+    local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
+    finetune_epochs: int = field(default=0, metadata={"min": 0})
+    finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
+
+
+@dataclass
+class Config:
+    method: str = field(default="serial", metadata={"choices": ("serial", "layer_parallel")})
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    auxnet: AuxNetConfig = field(default_factory=AuxNetConfig)
+    lp: LayerParallelConfig = field(default_factory=LayerParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@functools.lru_cache(maxsize=None)
+def all_keys(cls=None, prefix="") -> dict:
+    """Every dotted key of the config tree, mapped to (type, dataclass field)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    keys = {}
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            keys.update(all_keys(typ, f"{prefix}{f.name}."))
+        else:
+            keys[prefix + f.name] = (typ, f)
+    return keys
+
+
+def _unknown_key(key: str) -> UserError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, typ, value):
+    """Convert a YAML or command-line value to the field's type, or say why not."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item,) = typing.get_args(typ)
+        return [_coerce(key, item, v) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key '{key}' must be {typ.__name__}, got {value!r}")
+
+
+def _check_range(key: str, f, value):
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise UserError(f"config key '{key}' must be one of {', '.join(meta['choices'])}; got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise UserError(f"config key '{key}' must be >= {meta['min']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise UserError(f"config key '{key}' must be <= {meta['max']}, got {value!r}")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        raise UserError(f"config key '{key}' must be > {meta['min_exclusive']}, got {value!r}")
+
+
+def _flatten(tree: dict, prefix="") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if not any(key.startswith(name + ".") for key in all_keys()):
+                raise _unknown_key(name)
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def _set(cfg: Config, key: str, raw):
+    keys = all_keys()
+    if key not in keys:
+        raise _unknown_key(key)
+    typ, f = keys[key]
+    value = _coerce(key, typ, raw)
+    if not isinstance(value, list):
+        _check_range(key, f, value)
+    *path, leaf = key.split(".")
+    target = cfg
+    for part in path:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`optim.lr=0.05` -> ('optim.lr', 0.05); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _check_consistency(cfg: Config):
+    if cfg.lp.multipliers == "per_sample" and cfg.lp.loss != "al":
+        raise UserError("config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty: multipliers need loss: al")
+    if cfg.lp.loss == "al" and cfg.lp.multipliers == "none":
+        raise UserError("config key 'lp.loss' is al but 'lp.multipliers' is none: set lp.multipliers=per_sample")
+    if cfg.lp.rho_max < cfg.lp.rho0:
+        raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
+    if cfg.method == "serial" and (cfg.parallel.K != 1):
+        raise UserError("config key 'parallel.K' must be 1 for method: serial (use method: layer_parallel)")
+    if cfg.lp.aux_source == "stored" and cfg.data.augment:
+        raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
+    if cfg.data.dataset == "imagenet" and cfg.model.arch != "resnet50":
+        raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs resnet50")
+    if cfg.data.dataset != "imagenet" and cfg.model.arch == "resnet50":
+        raise UserError("config key 'model.arch' resnet50 is the ImageNet model; use it with data.dataset: imagenet")
+    if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
+        raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")
+    if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
+        raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Defaults, then the YAML file, then `key=value` overrides; validated as a whole."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
+        for key, value in _flatten(tree).items():
+            _set(cfg, key, value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    _check_consistency(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved in a run directory (summary, checkpoint manifest)."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _set(cfg, key, value)
+    return cfg

@@ -1,0 +1,1 @@
+"""Data sets (CIFAR pickles, ImageNet folders), preparation and on-device augmentation."""

@@ -1,0 +1,58 @@
+"""The auxiliary-variable network: predicts every stage boundary's activation from x.
+
+Its forward+backward runs on every rank every step, so its cost bounds the speedup
+(DESIGN.md section 6). It is therefore a shallow trunk at reduced resolution with one
+narrow head per boundary: a 1x1 convolution matches the channels, the resolution is
+matched by pooling or bilinear upsampling, and a BoundaryNorm ends the head so that the
+prediction lives on the same scale as the stage output it is compared with. Heads have
+no BatchNorm: a rank computes only the heads it needs, so head statistics would diverge.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpcaux.models.blocks import BoundaryNorm
+
+
+def conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class AuxHead(nn.Module):
+    def __init__(self, width: int, shape: tuple):
+        super().__init__()
+        self.channels, self.size = shape[0], tuple(shape[1:])
+        self.proj = nn.Conv2d(width, self.channels, 1)
+        self.norm = BoundaryNorm()
+
+    def forward(self, features):
+        if features.shape[-1] > self.size[-1]:  # pool first: the 1x1 conv is cheaper after it
+            features = F.adaptive_avg_pool2d(features, self.size)
+        out = self.proj(features)
+        if out.shape[-2:] != self.size:
+            out = F.interpolate(out, size=self.size, mode="bilinear", align_corners=False)
+        return self.norm(out)
+
+
+class AuxNet(nn.Module):
+    """Trunk of `depth` 3x3 conv layers (the first strided), one head per boundary."""
+
+    def __init__(self, boundary_shapes: list[tuple], width: int = 32, depth: int = 2,
+                 in_channels: int = 3, image_size: int = 32):
+        super().__init__()
+        layers, size, cin = [], image_size, in_channels
+        # Downsample to at most 32 pixels (at least once) so ImageNet inputs stay cheap.
+        while not layers or size > 32:
+            layers.append(conv_bn_relu(cin, width, 2))
+            size, cin = (size + 1) // 2, width
+        layers += [conv_bn_relu(width, width, 1) for _ in range(depth - 1)]
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(AuxHead(width, s) for s in boundary_shapes)
+
+    def forward(self, x, boundaries=None):
+        """Predictions A_k(x) for k in `boundaries` (0-based; default all), as a dict."""
+        features = self.trunk(x)
+        wanted = range(len(self.heads)) if boundaries is None else boundaries
+        return {k: self.heads[k](features) for k in wanted}

@@ -1,0 +1,34 @@
+"""What every hpcaux model is: a flat sequence of blocks, plus the shared pieces.
+
+`BlockSequence` is an nn.Sequential whose children are the units a partition may cut
+between. `BoundaryNorm` is the parameter-free per-sample normalisation that ends every
+stage output feeding another stage and every AuxNet head (DESIGN.md section 1): without
+it the consistency penalty is met by shrinking activations and the composed network
+collapses.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BlockSequence(nn.Sequential):
+    """A model as an ordered list of blocks: stem, body blocks, classifier head."""
+
+
+class ClassifierHead(nn.Module):
+    """Global average pooling and a linear layer."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class BoundaryNorm(nn.Module):
+    """Layer norm over C x H x W of each sample, without affine parameters."""
+
+    eps = 1e-5
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[1:], eps=self.eps)

@@ -1,0 +1,160 @@
+"""Cut a BlockSequence into K contiguous stages with balanced cost.
+
+A stage is a view of the model's own block modules (no copies), so composing the stages
+of an unnormalised partition is exactly the unsplit model. For layer-parallel training
+each non-final stage ends in a BoundaryNorm (DESIGN.md section 1).
+
+Balance matters: the slowest stage sets the step time. The default cost is measured
+forward+backward time per block, because block counts mislead (on a CPU the
+full-resolution blocks of ResNet-20 cost about twice the others, DESIGN.md section 6).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from hpcaux.errors import UserError
+from hpcaux.models.blocks import BlockSequence, BoundaryNorm
+
+
+class Stage(nn.Module):
+    """Blocks [start, stop) of a model, optionally followed by a BoundaryNorm."""
+
+    def __init__(self, model: BlockSequence, start: int, stop: int, normalize_output: bool):
+        super().__init__()
+        self.start, self.stop = start, stop
+        self.blocks = nn.Sequential(*list(model.children())[start:stop])
+        self.norm = BoundaryNorm() if normalize_output else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.blocks(x))
+
+
+def check_cuts(n_blocks: int, cuts: list[int]):
+    if any(not 0 < c < n_blocks for c in cuts) or sorted(set(cuts)) != list(cuts):
+        raise UserError(f"config key 'parallel.cuts' {cuts} must be increasing block indices in 1..{n_blocks - 1}")
+
+
+def make_stages(model: BlockSequence, cuts: list[int], boundary_norm: bool = True) -> list[Stage]:
+    """Stages split at `cuts` (the index of the first block of stages 2..K)."""
+    n = len(model)
+    check_cuts(n, cuts)
+    bounds = [0, *cuts, n]
+    K = len(bounds) - 1
+    return [Stage(model, bounds[k], bounds[k + 1], boundary_norm and k < K - 1) for k in range(K)]
+
+
+def balanced_cuts(costs: list[float], K: int) -> list[int]:
+    """Contiguous split of `costs` into K parts minimising the largest part (exact DP)."""
+    n = len(costs)
+    if K > n:
+        raise UserError(f"config key 'parallel.K' is {K}, larger than the model's {n} blocks")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    INF = float("inf")
+    # best[k][i]: minimal max-part cost of splitting the first i blocks into k parts.
+    best = [[INF] * (n + 1) for _ in range(K + 1)]
+    arg = [[0] * (n + 1) for _ in range(K + 1)]
+    best[0][0] = 0.0
+    for k in range(1, K + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], arg[k][i] = cost, j
+    cuts, i = [], n
+    for k in range(K, 1, -1):
+        i = arg[k][i]
+        cuts.append(i)
+    return sorted(cuts)
+
+
+def block_params(model: BlockSequence) -> list[float]:
+    return [float(sum(p.numel() for p in block.parameters())) for block in model]
+
+
+def _block_inputs(model: BlockSequence, sample: torch.Tensor) -> list[torch.Tensor]:
+    inputs, x = [], sample
+    with torch.no_grad():
+        for block in model:
+            inputs.append(x)
+            x = block(x)
+    return inputs
+
+
+def block_flops(model: BlockSequence, sample: torch.Tensor) -> list[float]:
+    """Multiply-accumulates of convolutions and linear layers, per block."""
+    counts = []
+
+    def count(module, inp, out):
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            counts[-1] += out.numel() * per_output
+        elif isinstance(module, nn.Linear):
+            counts[-1] += out.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        for block, x in zip(model, _block_inputs(model, sample)):
+            counts.append(0.0)
+            with torch.no_grad():
+                block(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def block_times(model: BlockSequence, sample: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Median forward+backward seconds per block on `sample` (training mode)."""
+    times = []
+    for block, x in zip(model, _block_inputs(model, sample)):
+        runs = []
+        for r in range(repeats + 1):
+            inp = x.detach().requires_grad_(True)
+            if inp.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            block(inp).float().sum().backward()
+            if inp.is_cuda:
+                torch.cuda.synchronize()
+            if r:  # the first run warms caches and allocators
+                runs.append(time.perf_counter() - t0)
+        times.append(statistics.median(runs))
+    model.zero_grad(set_to_none=True)
+    return times
+
+
+def choose_cuts(model: BlockSequence, K: int, balance: str, sample: torch.Tensor) -> list[int]:
+    if K > len(model):
+        raise UserError(f"config key 'parallel.K' is {K}, larger than the model's {len(model)} blocks")
+    if K == 1:
+        return []
+    if balance == "params":
+        costs = block_params(model)
+    elif balance == "flops":
+        costs = block_flops(model, sample)
+    else:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        costs = block_times(model, sample)
+        model.load_state_dict(state)  # timing runs must not move BatchNorm statistics
+    return balanced_cuts(costs, K)
+
+
+def boundary_shapes(stages: list[Stage], input_shape: tuple, device="cpu") -> list[tuple]:
+    """Per-sample shape of each stage's output that feeds the next stage."""
+    shapes, x = [], torch.zeros(2, *input_shape, device=device)
+    was_training = [s.training for s in stages]
+    with torch.no_grad():
+        for stage in stages[:-1]:
+            stage.eval()
+            x = stage(x)
+            shapes.append(tuple(x.shape[1:]))
+    for stage, mode in zip(stages, was_training):
+        stage.train(mode)
+    return shapes

@@ -1,0 +1,1 @@
+"""Persistence: checkpoints (per stage, manifest, atomic latest); later the HDF5 store."""

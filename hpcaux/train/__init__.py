@@ -1,0 +1,1 @@
+"""Trainers: serial baseline, layer-parallel (AuxNet) trainer, losses and schedules."""

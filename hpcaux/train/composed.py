@@ -1,0 +1,73 @@
+"""The true composition F_K o ... o F_1 across the ranks of one replica.
+
+Evaluation and the serial-parallel hybrid fine-tune both run the stages in sequence,
+passing boundary activations forward (and, for the fine-tune, their gradients back) with
+point-to-point send/recv. The stages stay where they were trained: no rank ever holds
+more than one stage's weights, optimiser state and BatchNorm statistics, and D > 1 works
+unchanged (each replica runs its own chain on its own shard; the stage gradients are
+then averaged over the stage's process set as in training). The price is that a
+fine-tune step is sequential (rank k idles while the others work); evaluation is
+pipelined batch by batch, since stage k computes batch b+1 while stage k+1 computes b.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class StageChain:
+    """This rank's place in its replica's chain of stages."""
+
+    def __init__(self, comm, layout, stage_module, boundary_shapes, device):
+        self.comm, self.layout, self.stage, self.device = comm, layout, stage_module, device
+        self.shapes = boundary_shapes
+        s = layout.stage
+        self.prev = layout.rank_of(s - 1) if s > 0 else None
+        self.next = layout.rank_of(s + 1) if s < layout.K - 1 else None
+
+    def _recv_input(self, batch: int, requires_grad: bool) -> torch.Tensor:
+        shape = (batch, *self.shapes[self.layout.stage - 1])
+        buf = torch.empty(shape, device=self.device)
+        self.comm.recv(buf, self.prev, what="recv boundary activation")
+        return buf.requires_grad_(requires_grad)
+
+    def forward(self, x: torch.Tensor, requires_grad: bool = False):
+        """(input, output) of this stage for a batch, receiving/sending along the chain."""
+        inp = x if self.prev is None else self._recv_input(x.shape[0], requires_grad)
+        out = self.stage(inp)
+        if self.next is not None:
+            self.comm.send(out.detach(), self.next, what="send boundary activation")
+        return inp, out
+
+    @torch.no_grad()
+    def correct_count(self, batches) -> tuple[int, int]:
+        """(correct, total) of the composed network on `batches`; nonzero on the last stage."""
+        was_training = self.stage.training
+        self.stage.eval()
+        correct = total = 0
+        for x, y in batches:
+            _, out = self.forward(x)
+            if self.next is None:
+                correct += (out.argmax(1) == y).sum().item()
+                total += len(y)
+        self.stage.train(was_training)
+        return correct, total
+
+    def backprop_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        """One end-to-end backprop step of the composed network; the loss on the last stage.
+
+        Leaves this stage's parameter gradients in .grad; the caller averages and steps.
+        """
+        inp, out = self.forward(x, requires_grad=self.prev is not None)
+        if self.next is None:
+            loss = F.cross_entropy(out, y)
+            loss.backward()
+            value = loss.item()
+        else:
+            grad = torch.empty_like(out)
+            self.comm.recv(grad, self.next, what="recv boundary gradient")
+            out.backward(grad)
+            value = None
+        if self.prev is not None:
+            self.comm.send(inp.grad, self.prev, what="send boundary gradient")
+        return value

@@ -1,0 +1,380 @@
+"""Layer-parallel training with an auxiliary-variable network (DESIGN.md sections 1-2).
+
+Rank r owns stage r mod K of replica r div K. Every step, each rank
+  1. runs the AuxNet heads it needs (A_{k-1}(x) as its input, A_k(x) as its target),
+     or reads the stored z of the batch (aux_source: stored);
+  2. runs forward and backward of its own stage term (hpcaux.train.losses.stage_term);
+  3. back-propagates the input/target gradients into the AuxNet (a separate backward,
+     so its cost is measured on its own);
+  4. joins ONE allreduce: AuxNet gradients summed over stages and averaged over
+     replicas, AuxNet BatchNorm buffers averaged (stored mode: the z gradients of the
+     batch, summed over the replica's stages) — plus, when D > 1, the stage-gradient
+     average over the stage's process set.
+No activation crosses ranks during training. Evaluation is always the true composition,
+run across the ranks by hpcaux.train.composed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hpcaux.data.sets import load_data
+from hpcaux.errors import UserError
+from hpcaux.models import build_model
+from hpcaux.models.auxnet import AuxNet
+from hpcaux.models.blocks import ClassifierHead
+from hpcaux.models.partition import boundary_shapes, choose_cuts, make_stages
+from hpcaux.store.checkpoint import save_checkpoint
+from hpcaux.train.composed import StageChain
+from hpcaux.train.layout import Layout
+from hpcaux.train.losses import al_update, relative_gap, stage_term
+from hpcaux.train.progress import Progress
+from hpcaux.train.rundir import MetricsLog, write_json
+from hpcaux.train.runtime import seed_everything
+from hpcaux.train.schedules import learning_rate, rho_at_epoch, set_lr
+from hpcaux.train.serial import make_optimizer
+
+TIMERS = ("aux_s", "stage_s", "comm_s", "step_s")
+
+
+def aux_buffers(auxnet) -> list[torch.Tensor]:
+    """Floating-point BatchNorm buffers (running mean/var), averaged with the weights."""
+    return [b for b in auxnet.buffers() if b.is_floating_point()]
+
+
+class LayerParallelTrainer:
+    def __init__(self, cfg, run_dir: Path, comm, device: torch.device):
+        self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
+        K, D = cfg.parallel.K, cfg.parallel.D
+        if K < 2:
+            raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
+        self.layout = Layout.for_world(K, D, comm.rank, comm.size)
+        if cfg.lp.aux_source == "stored" and D > 1:
+            raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
+        s = self.layout.stage
+        comm.watchdog.context.update(stage=s, replica=self.layout.replica)
+        self.data = load_data(cfg.data, cfg.seed)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model.arch, self.data.num_classes).to(device)
+        self.cuts = self._agree_on_cuts(model)
+        stages = make_stages(model, self.cuts, boundary_norm=True)
+        self.shapes = boundary_shapes(stages, self.data.image_shape, device)
+        self.stage = stages[s]
+        self.local_head = None
+        if s < K - 1 and cfg.lp.local_cls_weight > 0:
+            self.local_head = ClassifierHead(self.shapes[s][0], self.data.num_classes).to(device)
+        seed_everything(cfg.seed + 1)
+        self.auxnet = None
+        if cfg.lp.aux_source == "auxnet":
+            self.auxnet = AuxNet(self.shapes, cfg.auxnet.width, cfg.auxnet.depth,
+                                 self.data.image_shape[0], self.data.image_shape[-1]).to(device)
+        # Process sets, created by every rank in the same order (Horovod and gloo need that).
+        stage_groups = [comm.new_group(self.layout.stage_ranks(k)) for k in range(K)]
+        self.stage_group = stage_groups[s]
+        self.replica_group = [comm.new_group(self.layout.replica_ranks(r)) for r in range(D)][self.layout.replica]
+        self.stage_params = list(self.stage.parameters()) + (list(self.local_head.parameters()) if self.local_head else [])
+        self.stage_opt = make_optimizer(self.stage_params, cfg.optim)
+        self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
+        self.in_boundary = s - 1 if s > 0 else None
+        self.out_boundary = s if s < K - 1 else None
+        self.multipliers = None
+        if cfg.lp.multipliers == "per_sample" and self.out_boundary is not None:
+            self.multipliers = torch.zeros(self.data.n_train, *self.shapes[s])
+        self.z = self._init_stored_z(stages) if cfg.lp.aux_source == "stored" else {}
+        self.chain = StageChain(comm, self.layout, self.stage, self.shapes, device)
+        self.steps = self.data.steps_per_epoch(cfg.train.batch_size, D)
+        self.allreduce_values = 0
+
+    # --- set-up ------------------------------------------------------------------------
+    def _agree_on_cuts(self, model) -> list[int]:
+        """Cut points chosen on rank 0 (timings differ per rank) and sent to all."""
+        cfg = self.cfg
+        if cfg.parallel.cuts:
+            if cfg.parallel.cuts[-1] >= len(model):
+                raise UserError(f"config key 'parallel.cuts' {cfg.parallel.cuts} is beyond the model's {len(model)} blocks")
+            return list(cfg.parallel.cuts)
+        cuts = None
+        if self.comm.rank == 0:
+            sample = self.data.normalized_train(torch.arange(min(32, self.data.n_train)), self.device)
+            cuts = choose_cuts(model, cfg.parallel.K, cfg.parallel.balance, sample)
+        return self.comm.broadcast_object(cuts, root=0)
+
+    @torch.no_grad()
+    def _init_stored_z(self, stages) -> dict:
+        """z_k of every training sample, from a forward pass of the initial composed network.
+
+        Every rank holds the whole initial model (same seed), so ranks k and k+1 compute
+        the same z_k without communicating.
+        """
+        wanted = [b for b in (self.in_boundary, self.out_boundary) if b is not None]
+        z = {b: torch.empty(self.data.n_train, *self.shapes[b]) for b in wanted}
+        for st in stages:
+            st.eval()
+        for start in range(0, self.data.n_train, self.cfg.train.eval_batch_size):
+            idx = torch.arange(start, min(start + self.cfg.train.eval_batch_size, self.data.n_train))
+            h = self.data.normalized_train(idx, self.device)
+            for b in range(max(wanted) + 1):
+                h = stages[b](h)
+                if b in z:
+                    z[b][idx] = h.cpu()
+        for st in stages:
+            st.train()
+        return z
+
+    # --- one step ----------------------------------------------------------------------
+    def _inputs(self, x, idx):
+        """(stage input, target, AuxNet outputs to back-propagate into) for a batch."""
+        if self.auxnet is None:
+            inp = x if self.in_boundary is None else self.z[self.in_boundary][idx].to(self.device).requires_grad_()
+            target = None if self.out_boundary is None else self.z[self.out_boundary][idx].to(self.device).requires_grad_()
+            return inp, target, {}
+        wanted = [b for b in (self.in_boundary, self.out_boundary) if b is not None]
+        preds = self.auxnet(x, wanted)
+        inp = x if self.in_boundary is None else preds[self.in_boundary].detach().requires_grad_()
+        target = None if self.out_boundary is None else preds[self.out_boundary].detach().requires_grad_()
+        return inp, target, preds
+
+    def train_step(self, x, y, idx, rho: float) -> dict:
+        timer = {k: 0.0 for k in TIMERS}
+        t0 = time.perf_counter()
+        inp, target, preds = self._inputs(x, idx)
+        t1 = time.perf_counter()
+        multiplier = self.multipliers[idx].to(self.device) if self.multipliers is not None else None
+        out = self.stage(inp)
+        term = stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
+                          local_head=self.local_head, local_weight=self.cfg.lp.local_cls_weight)
+        self.stage_opt.zero_grad(set_to_none=True)
+        term.loss.backward()
+        t2 = time.perf_counter()
+        if self.auxnet is not None:
+            self.aux_opt.zero_grad(set_to_none=True)
+            pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target)) if b is not None]
+            torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        t3 = time.perf_counter()
+        self._synchronise(inp, target, idx)
+        t4 = time.perf_counter()
+        self.stage_opt.step()
+        if self.aux_opt:
+            self.aux_opt.step()
+        if self.multipliers is not None:
+            self.multipliers[idx] = al_update(multiplier, term.residual, rho).cpu()
+        t5 = time.perf_counter()
+        timer.update(aux_s=(t1 - t0) + (t3 - t2), stage_s=(t2 - t1) + (t5 - t4), comm_s=t4 - t3, step_s=t5 - t0)
+        gap = relative_gap(out.detach(), target.detach()) if target is not None else (0.0, 0.0)
+        return {"loss": term.loss.item(), **term.parts, "gap_num": gap[0], "gap_den": gap[1], **timer}
+
+    def _synchronise(self, inp, target, idx):
+        """The step's communication: one world allreduce, plus the stage-replica average."""
+        D, size = self.layout.D, self.comm.size
+        if self.auxnet is not None:
+            for p in self.auxnet.parameters():
+                if p.grad is None:  # heads this rank did not use
+                    p.grad = torch.zeros_like(p)
+                p.grad.div_(D)
+            buffers = aux_buffers(self.auxnet)
+            for b in buffers:
+                b.div_(size)
+            grads = [p.grad for p in self.auxnet.parameters()]
+            self.comm.allreduce(grads + buffers, op="sum", what="allreduce AuxNet gradients")
+            self.allreduce_values = sum(t.numel() for t in grads + buffers)
+        else:
+            self._synchronise_stored_z(inp, target, idx)
+        if D > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
+            self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
+            for p, g in zip(self.stage_params, grads):
+                p.grad = g
+
+    def _synchronise_stored_z(self, inp, target, idx):
+        """Sum each boundary's z gradient over the two stages that see it, then step z.
+
+        The step is preconditioned by batch size x elements, undoing the means of the
+        loss, so the penalty alone moves z by z_lr * (rho * residual + lambda).
+        """
+        batch = len(idx)
+        grads = [torch.zeros(batch, *shape, device=self.device) for shape in self.shapes]
+        if self.in_boundary is not None:
+            grads[self.in_boundary] += inp.grad
+        if self.out_boundary is not None:
+            grads[self.out_boundary] += target.grad
+        self.comm.allreduce(grads, op="sum", group=self.replica_group, what="allreduce stored-z gradients")
+        self.allreduce_values = sum(g.numel() for g in grads)
+        for b, z in self.z.items():
+            scale = self.cfg.lp.z_lr * batch * math.prod(self.shapes[b])
+            z[idx] -= scale * grads[b].cpu()
+
+    # --- per-epoch measurements ---------------------------------------------------------
+    def _eval_batches(self, subset):
+        return self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,
+                                      seed=self.cfg.seed, shard=self.layout.replica, shards=self.layout.D)
+
+    @torch.no_grad()
+    def held_out_metrics(self, subset: int) -> dict:
+        """Composed accuracy, and (AuxNet mode) AuxNet-path accuracy and relative gaps."""
+        K = self.layout.K
+        correct, total = self.chain.correct_count(self._eval_batches(subset))
+        stats = torch.zeros(2 * (K - 1) + 4)
+        stats[-2:] = torch.tensor([correct, total], dtype=torch.float)
+        if self.auxnet is not None:
+            modules = [m for m in (self.auxnet, self.stage, self.local_head) if m is not None]
+            modes = [m.training for m in modules]
+            for m in modules:
+                m.eval()
+            for x, y in self._eval_batches(subset):
+                inp, target, _ = self._inputs(x, None)
+                out = self.stage(inp)
+                if target is not None:
+                    num, den = relative_gap(out, target)
+                    stats[2 * self.out_boundary] += num
+                    stats[2 * self.out_boundary + 1] += den
+                else:
+                    stats[-4] += (out.argmax(1) == y).sum().item()
+                    stats[-3] += len(y)
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+        # Each replica measured its own shard of the held-out set: the sum counts each image once.
+        self.comm.allreduce([stats], op="sum", what="allreduce held-out metrics")
+        result = {"composed_acc": (stats[-2] / stats[-1]).item()}
+        if self.auxnet is not None:
+            result["auxnet_path_acc"] = (stats[-4] / stats[-3]).item()
+            result["rel_gap"] = [(stats[2 * k] / stats[2 * k + 1]).item() for k in range(K - 1)]
+        return result
+
+    def gather_per_rank(self, values: list[float]) -> torch.Tensor:
+        """A (world x len(values)) table with every rank's values (for logs)."""
+        table = torch.zeros(self.comm.size, len(values), dtype=torch.float64)
+        table[self.comm.rank] = torch.tensor(values, dtype=torch.float64)
+        self.comm.allreduce([table], op="sum", what="allreduce per-rank statistics")
+        return table
+
+    # --- the run -----------------------------------------------------------------------
+    def _batches(self, epoch, augment):
+        return self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch, augment=augment,
+                                       device=self.device, replica=self.layout.replica, replicas=self.layout.D)
+
+    def run(self) -> dict:
+        cfg, lay = self.cfg, self.layout
+        is_root = self.comm.rank == 0
+        log = MetricsLog(self.run_dir, fresh=True) if is_root else None
+        epochs, ft_epochs = cfg.train.epochs, cfg.lp.finetune_epochs
+        progress = Progress(self.steps * (epochs + ft_epochs), cfg.train.progress, self.comm.rank)
+        augment = cfg.data.augment and cfg.lp.aux_source == "auxnet"
+        started, train_time, step = time.perf_counter(), 0.0, 0
+        total_steps = self.steps * epochs
+        timers = {k: 0.0 for k in TIMERS}
+        for epoch in range(epochs):
+            rho = rho_at_epoch(cfg.lp, epoch)
+            epoch_start = time.perf_counter()
+            sums = {"loss": 0.0, "gap_num": 0.0, "gap_den": 0.0}
+            for x, y, idx in self._batches(epoch, augment):
+                lr = learning_rate(cfg.optim, step, total_steps, self.steps)
+                set_lr(self.stage_opt, lr)
+                if self.aux_opt:
+                    set_lr(self.aux_opt, lr)
+                self.comm.watchdog.context["step"] = step
+                out = self.train_step(x, y, idx, rho)
+                step += 1
+                for k in sums:
+                    sums[k] += out[k]
+                for k in TIMERS:
+                    timers[k] += out[k]
+                progress.update(f"ep {epoch + 1} stage {lay.stage + 1} loss {out['loss']:.3f}")
+            epoch_s = time.perf_counter() - epoch_start
+            train_time += epoch_s
+            metrics = self.held_out_metrics(cfg.data.eval_subset)
+            per_rank = self.gather_per_rank([sums["loss"] / self.steps,
+                                             sums["gap_num"] / max(sums["gap_den"], 1e-12),
+                                             *(timers[k] / step for k in TIMERS)])
+            record = {"epoch": epoch + 1, "phase": "layer_parallel", "rho": rho, "lr": lr,
+                      "stage_loss": per_rank[:lay.K, 0].tolist(),
+                      "train_rel_gap": per_rank[:lay.K - 1, 1].tolist(),
+                      **metrics,
+                      "step_ms_per_rank": (per_rank[:, 5] * 1e3).tolist(),
+                      "aux_ms_per_rank": (per_rank[:, 2] * 1e3).tolist(),
+                      "comm_ms_per_rank": (per_rank[:, 4] * 1e3).tolist(),
+                      "allreduce_values": self.allreduce_values,
+                      "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
+            if is_root:
+                log.append(record)
+                progress.note(self._epoch_line(record))
+        ft_time = self._finetune(progress, log) if ft_epochs else 0.0
+        progress.close()
+        final = self.held_out_metrics(cfg.data.test_subset)
+        self.save("final", epochs + ft_epochs)
+        per_rank = self.gather_per_rank([timers[k] / max(step, 1) for k in TIMERS])
+        summary = {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
+                   "K": lay.K, "D": lay.D, "cuts": self.cuts, "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
+                   "epochs": epochs, "finetune_epochs": ft_epochs, "train_samples": self.data.n_train,
+                   "test_acc": final["composed_acc"], "auxnet_path_acc": final.get("auxnet_path_acc"),
+                   "final_rel_gap": final.get("rel_gap"),
+                   "wall_s": time.perf_counter() - started, "train_s": train_time, "finetune_s": ft_time,
+                   "train_samples_per_s": self.steps * epochs * cfg.train.batch_size * lay.D / train_time,
+                   "step_ms_per_rank": (per_rank[:, 3] * 1e3).tolist(),
+                   "aux_ms_per_rank": (per_rank[:, 0] * 1e3).tolist(),
+                   "stage_ms_per_rank": (per_rank[:, 1] * 1e3).tolist(),
+                   "comm_ms_per_rank": (per_rank[:, 2] * 1e3).tolist(),
+                   "aux_fraction_of_stage": (per_rank[:, 0] / per_rank[:, 1]).max().item(),
+                   "allreduce_values_per_step": self.allreduce_values,
+                   "threads": torch.get_num_threads(), "backend": self.comm.name}
+        if is_root:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    @staticmethod
+    def _epoch_line(r: dict) -> str:
+        gaps = " ".join(f"{g:.4f}" for g in r.get("rel_gap", r.get("train_rel_gap", [])))
+        aux = f" auxnet-path {r['auxnet_path_acc']:.3f}" if "auxnet_path_acc" in r else ""
+        steps = "/".join(f"{t:.0f}" for t in r["step_ms_per_rank"])
+        return (f"epoch {r['epoch']} [{r['phase']}]: loss {'/'.join(f'{v:.3f}' for v in r['stage_loss'])} "
+                f"composed {r['composed_acc']:.3f}{aux} gap {gaps} rho {r.get('rho', 0):.2f} "
+                f"step ms {steps} ({r['samples_per_s']:.0f} samples/s)")
+
+    def _finetune(self, progress, log) -> float:
+        """Serial-parallel hybrid: end-to-end backprop of the composed network over send/recv."""
+        cfg, lay = self.cfg, self.layout
+        optimizer = make_optimizer(list(self.stage.parameters()), cfg.optim, lr=cfg.lp.finetune_lr)
+        total = self.steps * cfg.lp.finetune_epochs
+        step, elapsed = 0, 0.0
+        for ft_epoch in range(cfg.lp.finetune_epochs):
+            epoch = cfg.train.epochs + ft_epoch
+            start, loss_sum = time.perf_counter(), 0.0
+            for x, y, _ in self._batches(epoch, cfg.data.augment):
+                set_lr(optimizer, learning_rate(cfg.optim, step, total, self.steps, base_lr=cfg.lp.finetune_lr))
+                self.comm.watchdog.context["step"] = f"finetune {step}"
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.chain.backprop_step(x, y)
+                if lay.D > 1:
+                    grads = [p.grad for p in self.stage.parameters()]
+                    self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
+                optimizer.step()
+                loss_sum += loss or 0.0
+                step += 1
+                progress.update(f"finetune {ft_epoch + 1}")
+            epoch_s = time.perf_counter() - start
+            elapsed += epoch_s
+            metrics = self.held_out_metrics(self.cfg.data.eval_subset)
+            losses = self.gather_per_rank([loss_sum / self.steps])
+            record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [losses[lay.K - 1, 0].item()],
+                      **metrics, "step_ms_per_rank": [epoch_s / self.steps * 1e3],
+                      "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
+            if log is not None:
+                log.append(record)
+                progress.note(self._epoch_line(record))
+        return elapsed
+
+    def save(self, tag: str, epoch: int):
+        lay = self.layout
+        files = {}
+        if lay.replica == 0:
+            files[f"stage_{lay.stage}.pt"] = {"stage": self.stage.state_dict(),
+                                              "local_head": self.local_head.state_dict() if self.local_head else None}
+            if self.auxnet is not None and lay.stage == 0:
+                files["auxnet.pt"] = self.auxnet.state_dict()
+        manifest = {"method": "layer_parallel", "model": self.cfg.model.arch, "dataset": self.cfg.data.dataset,
+                    "K": lay.K, "D": lay.D, "cuts": self.cuts, "boundary_shapes": [list(s) for s in self.shapes],
+                    "epoch": epoch, "config": self.cfg.to_dict(),
+                    "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if self.auxnet else [])}
+        save_checkpoint(self.run_dir, tag, files, manifest, self.comm.rank, self.comm.barrier)

@@ -1,0 +1,56 @@
+"""Each rank's term of the joint objective of DESIGN.md section 1.
+
+    L = CE(F_K(A_{K-1}(x)), y)
+      + sum_{k<K} [ rho/2 * mean((F_k(A_{k-1}(x)) - A_k(x))^2)
+                    + mean(lambda_k * (F_k(A_{k-1}(x)) - A_k(x)))
+                    + w * CE(local_k(F_k(A_{k-1}(x))), y) ]
+
+Norms are means over elements, so rho does not depend on the activation size; the
+multiplier term is scaled alike, which makes the AL update lambda += rho * residual the
+exact dual ascent step for it. `stage_term(k)` is everything that touches stage k's
+parameters, so the sum of the terms over k is L and each rank's backward gives its
+stage gradient completely and a partial AuxNet gradient (summed by one allreduce).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StageTerm:
+    loss: torch.Tensor               # the term, differentiable
+    residual: torch.Tensor | None    # F_k(input) - target, detached (None on the last stage)
+    parts: dict                      # floats for logging: penalty, multiplier, local_ce, ce
+
+
+def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=None,
+               local_head=None, local_weight: float = 0.0) -> StageTerm:
+    """The term of stage k given its output F_k(input) and its target A_k(x) (or z_k)."""
+    if is_last:
+        ce = F.cross_entropy(output, labels)
+        return StageTerm(ce, None, {"ce": ce.item()})
+    residual = output - target
+    penalty = 0.5 * rho * residual.pow(2).mean()
+    loss, parts = penalty, {"penalty": penalty.item()}
+    if multiplier is not None:
+        mult = (multiplier * residual).mean()
+        loss = loss + mult
+        parts["multiplier"] = mult.item()
+    if local_head is not None and local_weight > 0:
+        local_ce = F.cross_entropy(local_head(output), labels)
+        loss = loss + local_weight * local_ce
+        parts["local_ce"] = local_ce.item()
+    return StageTerm(loss, residual.detach(), parts)
+
+
+def al_update(multiplier: torch.Tensor, residual: torch.Tensor, rho: float) -> torch.Tensor:
+    """lambda <- lambda + rho * (F_k(A_{k-1}(x)) - A_k(x)), for the samples of a batch."""
+    return multiplier + rho * residual
+
+
+def relative_gap(output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(sum ||F_k - A_k||^2, sum ||A_k||^2) over a batch; their ratio is the relative gap."""
+    return (output - target).pow(2).sum().item(), target.pow(2).sum().item()

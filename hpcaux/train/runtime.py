@@ -1,0 +1,37 @@
+"""Per-process set-up shared by all trainers: device, threads, seeds."""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from hpcaux.comm import launch
+from hpcaux.errors import UserError
+
+
+def select_device(local_rank: int, require_gpu: bool = False) -> torch.device:
+    """One rank per GPU (rank on the node modulo GPU count); the CPU where there are none."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    if require_gpu:
+        raise UserError("a GPU was asked for but torch sees none (torch.cuda.is_available() is False)")
+    return torch.device("cpu")
+
+
+def set_threads(threads: int):
+    """`threads` intra-op threads, or cores / ranks on this node when 0 (at least 1)."""
+    if threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, cores // max(1, launch.local_size()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
