@@ -71,7 +71,9 @@ build_horovod() {
   sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 20)/' \
     "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
   sed -i 's/set(CMAKE_CXX_STANDARD 17)\\n/set(CMAKE_CXX_STANDARD 20)\\n/' "$src/CMakeLists.txt"
-  ( cd "$src" && PATH=/usr/bin:$PATH CUDA_HOME=/usr/local/cuda \
+  # /usr/local/bin/nvcc would make CMake take /usr/local as the CUDA root: name the real one.
+  ( cd "$src" && PATH=/usr/local/cuda/bin:/usr/bin:$PATH CUDA_HOME=/usr/local/cuda \
+      CUDAToolkit_ROOT=/usr/local/cuda \
       HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
       HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
       MAKEFLAGS="-j$(nproc)" \

@@ -1,5 +1,7 @@
 """torch.distributed backend: gloo on the CPU, NCCL when the tensors live on GPUs.
 
+The process group's own timeout is set past the watchdog's, so that a hang is reported
+by the watchdog's line (which names rank, stage and peers) rather than by gloo.
 Under mpirun or srun there is no MASTER_ADDR; rank 0 then picks its host name and a free
 port and hands them to the others over MPI (mpi4py), the one thing MPI is used for here.
 """
@@ -39,7 +41,7 @@ class TorchComm(Comm):
         backend = "nccl" if device.type == "cuda" else "gloo"
         if size > 1:
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                                    world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+                                    world_size=size, timeout=datetime.timedelta(seconds=timeout_s + 60))
         super().__init__(rank, size, launch.local_rank(), timeout_s)
 
     def _on_device(self, t):

@@ -97,10 +97,11 @@ def block_flops(model: BlockSequence, sample: torch.Tensor) -> list[float]:
         elif isinstance(module, nn.Linear):
             counts[-1] += out.numel() * module.in_features
 
+    inputs = _block_inputs(model, sample)
     hooks = [m.register_forward_hook(count) for m in model.modules()
              if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        for block, x in zip(model, _block_inputs(model, sample)):
+        for block, x in zip(model, inputs):
             counts.append(0.0)
             with torch.no_grad():
                 block(x)

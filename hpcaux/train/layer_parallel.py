@@ -45,6 +45,18 @@ def aux_buffers(auxnet) -> list[torch.Tensor]:
     return [b for b in auxnet.buffers() if b.is_floating_point()]
 
 
+def build_local_head(shapes, stage: int, num_classes: int, seed: int) -> ClassifierHead:
+    """Stage `stage`'s local classifier, seeded by (seed, stage) alone so any process can rebuild it."""
+    torch.manual_seed(seed + 2 + stage)
+    return ClassifierHead(shapes[stage][0], num_classes)
+
+
+def build_auxnet(cfg, shapes, image_shape) -> AuxNet:
+    """The AuxNet, seeded by the run seed alone: every rank builds the same replica."""
+    torch.manual_seed(cfg.seed + 1)
+    return AuxNet(shapes, cfg.auxnet.width, cfg.auxnet.depth, image_shape[0], image_shape[-1])
+
+
 class LayerParallelTrainer:
     def __init__(self, cfg, run_dir: Path, comm, device: torch.device):
         self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
@@ -65,12 +77,8 @@ class LayerParallelTrainer:
         self.stage = stages[s]
         self.local_head = None
         if s < K - 1 and cfg.lp.local_cls_weight > 0:
-            self.local_head = ClassifierHead(self.shapes[s][0], self.data.num_classes).to(device)
-        seed_everything(cfg.seed + 1)
-        self.auxnet = None
-        if cfg.lp.aux_source == "auxnet":
-            self.auxnet = AuxNet(self.shapes, cfg.auxnet.width, cfg.auxnet.depth,
-                                 self.data.image_shape[0], self.data.image_shape[-1]).to(device)
+            self.local_head = build_local_head(self.shapes, s, self.data.num_classes, cfg.seed).to(device)
+        self.auxnet = build_auxnet(cfg, self.shapes, self.data.image_shape).to(device) if cfg.lp.aux_source == "auxnet" else None
         # Process sets, created by every rank in the same order (Horovod and gloo need that).
         stage_groups = [comm.new_group(self.layout.stage_ranks(k)) for k in range(K)]
         self.stage_group = stage_groups[s]
@@ -137,8 +145,11 @@ class LayerParallelTrainer:
         target = None if self.out_boundary is None else preds[self.out_boundary].detach().requires_grad_()
         return inp, target, preds
 
-    def train_step(self, x, y, idx, rho: float) -> dict:
-        timer = {k: 0.0 for k in TIMERS}
+    def compute_gradients(self, x, y, idx, rho: float):
+        """Forward, backward and the step's communication; leaves synchronised .grad.
+
+        Returns (stage term, this rank's stage output, target, multiplier, timings).
+        """
         t0 = time.perf_counter()
         inp, target, preds = self._inputs(x, idx)
         t1 = time.perf_counter()
@@ -156,14 +167,22 @@ class LayerParallelTrainer:
         t3 = time.perf_counter()
         self._synchronise(inp, target, idx)
         t4 = time.perf_counter()
+        timer = {"aux_s": (t1 - t0) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3}
+        return term, out.detach(), target, multiplier, timer
+
+    def train_step(self, x, y, idx, rho: float) -> dict:
+        t0 = time.perf_counter()
+        term, out, target, multiplier, timer = self.compute_gradients(x, y, idx, rho)
+        t1 = time.perf_counter()
         self.stage_opt.step()
         if self.aux_opt:
             self.aux_opt.step()
         if self.multipliers is not None:
             self.multipliers[idx] = al_update(multiplier, term.residual, rho).cpu()
-        t5 = time.perf_counter()
-        timer.update(aux_s=(t1 - t0) + (t3 - t2), stage_s=(t2 - t1) + (t5 - t4), comm_s=t4 - t3, step_s=t5 - t0)
-        gap = relative_gap(out.detach(), target.detach()) if target is not None else (0.0, 0.0)
+        t2 = time.perf_counter()
+        timer["stage_s"] += t2 - t1
+        timer["step_s"] = t2 - t0
+        gap = relative_gap(out, target.detach()) if target is not None else (0.0, 0.0)
         return {"loss": term.loss.item(), **term.parts, "gap_num": gap[0], "gap_den": gap[1], **timer}
 
     def _synchronise(self, inp, target, idx):
@@ -216,8 +235,8 @@ class LayerParallelTrainer:
         """Composed accuracy, and (AuxNet mode) AuxNet-path accuracy and relative gaps."""
         K = self.layout.K
         correct, total = self.chain.correct_count(self._eval_batches(subset))
-        stats = torch.zeros(2 * (K - 1) + 4)
-        stats[-2:] = torch.tensor([correct, total], dtype=torch.float)
+        stats = torch.zeros(2 * (K - 1) + 4, dtype=torch.float64)
+        stats[-2:] = torch.tensor([correct, total], dtype=torch.float64)
         if self.auxnet is not None:
             modules = [m for m in (self.auxnet, self.stage, self.local_head) if m is not None]
             modes = [m.training for m in modules]

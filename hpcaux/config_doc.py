@@ -1,0 +1,38 @@
+"""Render docs/configuration.md from the config dataclasses (a test keeps it in sync).
+
+    python -m hpcaux.config_doc > docs/configuration.md
+"""
+
+from hpcaux.config import Config, all_keys
+
+
+def _describe(f) -> str:
+    meta, notes = f.metadata, []
+    if "choices" in meta:
+        notes.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+    for bound, sign in (("min", ">="), ("max", "<="), ("min_exclusive", ">")):
+        if bound in meta:
+            notes.append(f"{sign} {meta[bound]}")
+    if "help" in meta:
+        notes.insert(0, meta["help"])
+    return "; ".join(notes)
+
+
+def render_reference() -> str:
+    defaults = Config()
+    lines = ["# Configuration reference", "",
+             "Generated from `hpcaux/config.py` by `python -m hpcaux.config_doc`; a test fails when it is stale.",
+             "Set keys in a YAML file (nested by section) or on the command line as `key=value`",
+             "(`hpcaux train --config configs/x.yaml optim.lr=0.05 parallel.cuts=[4]`).", "",
+             "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, (typ, f) in all_keys().items():
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part)
+        name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
+        lines.append(f"| `{key}` | {name} | `{value}` | {_describe(f)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_reference(), end="")

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real CIFAR-10 data, mpirun with a timeout, the installed backends."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("HPCAUX_TEST_DATA", ROOT / "data"))
+ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+HPCAUX = str(Path(sys.executable).parent / "hpcaux")
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    """The prepared real CIFAR-10 (scripts/test.sh prepares it; this prepares it if not)."""
+    if not (DATA / "cifar-10-batches-py" / "test_batch").is_file():
+        subprocess.run([HPCAUX, "data", "cifar10", str(DATA), "--from", str(ARCHIVE)], check=True)
+    return DATA
+
+
+def run(cmd, timeout: float, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, **MPI_ENV, **(env or {})})
+
+
+def mpirun(np: int, args, timeout: float = 180, env=None) -> subprocess.CompletedProcess:
+    """Run `args` under a real `mpirun -np N`; the timeout turns a hang into a failure."""
+    cmd = ["mpirun", "-np", str(np), "--bind-to", "none"]
+    for key in MPI_ENV:
+        cmd += ["-x", key]
+    return run(cmd + list(args), timeout, env)
+
+
+def check(proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def installed_backends() -> list[str]:
+    from hpcaux.comm import available_backends
+    return available_backends()

@@ -1,0 +1,45 @@
+"""Collective checks for one backend under mpirun -np N: python check_comm.py BACKEND."""
+import sys
+
+import torch
+
+from common import make_comm
+
+comm = make_comm(sys.argv[1])
+r, n = comm.rank, comm.size
+
+# allreduce sum/mean of a list of differently shaped tensors, as one collective
+a, b = torch.full((3,), float(r)), torch.arange(4.0).reshape(2, 2) * (r + 1)
+comm.allreduce([a, b], op="sum")
+assert torch.equal(a, torch.full((3,), float(sum(range(n))))), a
+assert torch.equal(b, torch.arange(4.0).reshape(2, 2) * sum(range(1, n + 1))), b
+c = torch.tensor([float(r)])
+comm.allreduce([c], op="mean")
+assert torch.allclose(c, torch.tensor([(n - 1) / 2])), c
+
+# process sets: even and odd ranks reduce separately (every rank creates both, in order)
+groups = [comm.new_group([q for q in range(n) if q % 2 == parity]) for parity in (0, 1)]
+mine = groups[r % 2]
+d = torch.tensor([float(r)])
+comm.allreduce([d], op="sum", group=mine)
+assert d.item() == sum(mine.ranks), (d, mine.ranks)
+
+# broadcast from a non-zero root, and of a Python object
+e = torch.tensor([float(r), 7.0])
+comm.broadcast([e], root=n - 1)
+assert torch.equal(e, torch.tensor([float(n - 1), 7.0])), e
+obj = comm.broadcast_object({"cuts": [4], "from": r} if r == 1 else None, root=1)
+assert obj == {"cuts": [4], "from": 1}, obj
+
+# point-to-point ring: rank r sends to r+1 and receives from r-1
+out, got = torch.full((5,), float(r)), torch.empty(5)
+if r % 2 == 0:
+    comm.send(out, (r + 1) % n)
+    comm.recv(got, (r - 1) % n)
+else:
+    comm.recv(got, (r - 1) % n)
+    comm.send(out, (r + 1) % n)
+assert torch.equal(got, torch.full((5,), float((r - 1) % n))), got
+comm.barrier()
+comm.finalize()
+print(f"rank {r}: comm checks passed ({comm.name}, {n} ranks)")

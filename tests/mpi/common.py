@@ -1,0 +1,32 @@
+"""Helpers for the scripts that tests run under mpirun: a tiny real config and a trainer."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from hpcaux.comm import create_comm  # noqa: E402
+from hpcaux.comm import launch  # noqa: E402
+from hpcaux.config import load_config  # noqa: E402
+
+CUTS = {2: [4], 3: [3, 6], 4: [3, 5, 7]}
+
+
+def tiny_config(data_root: str, backend: str, K: int, D: int = 1, *overrides):
+    return load_config(ROOT / "configs" / "cifar10_resnet20_k2.yaml", [
+        f"data.root={data_root}", "data.train_subset=128", "data.eval_subset=200", "train.batch_size=16",
+        "train.eval_batch_size=100", f"comm.backend={backend}", f"parallel.K={K}", f"parallel.D={D}",
+        f"parallel.cuts={CUTS[K]}", "comm.timeout_s=60", "train.progress=false", "auxnet.width=8", *overrides])
+
+
+def make_comm(backend: str):
+    torch.set_num_threads(1)
+    return create_comm(backend, 60.0, torch.device("cpu"))
+
+
+def world_size() -> int:
+    return launch.world_size()

@@ -1,0 +1,34 @@
+"""Every installed backend passes the same collective checks under real mpirun -np 2 and 3."""
+import time
+
+import pytest
+
+from conftest import ROOT, check, installed_backends, mpirun
+
+SCRIPTS = ROOT / "tests" / "mpi"
+
+
+@pytest.mark.parametrize("np", [2, 3])
+@pytest.mark.parametrize("backend", installed_backends())
+def test_collectives(backend, np):
+    proc = check(mpirun(np, ["python", str(SCRIPTS / "check_comm.py"), backend], timeout=120))
+    assert proc.stdout.count("comm checks passed") == np
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_watchdog_aborts_a_hang_and_names_the_peer(backend):
+    started = time.monotonic()
+    proc = mpirun(2, ["python", str(SCRIPTS / "hang.py"), backend, "3"], timeout=90)
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60
+    line = [ln for ln in proc.stderr.splitlines() if "watchdog" in ln]
+    assert line, proc.stderr[-3000:]
+    assert "rank 1 (stage 1, step 3)" in line[0] and "recv boundary activation from rank 0" in line[0], line[0]
+
+
+def test_unknown_or_missing_backend_is_a_clear_error():
+    from hpcaux.comm import create_comm
+    from hpcaux.errors import UserError
+
+    with pytest.raises(UserError, match="unknown comm backend 'nccl'"):
+        create_comm("nccl")

@@ -1,0 +1,96 @@
+"""Config loading, overrides and the one-line errors for bad input."""
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import HPCAUX, ROOT
+from hpcaux.config import all_keys, config_from_dict, load_config
+from hpcaux.errors import UserError
+
+K2 = ROOT / "configs" / "cifar10_resnet20_k2.yaml"
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        load_config(path)
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(K2, ["optim.lr=0.05", "train.epochs=3", "data.augment=false", "parallel.cuts=[5]"])
+    assert cfg.optim.lr == 0.05 and cfg.train.epochs == 3 and cfg.data.augment is False
+    assert cfg.parallel.cuts == [5] and cfg.parallel.K == 2
+
+
+def test_documented_key_names_exist():
+    for key in ("data.train_subset", "train.epochs", "train.batch_size", "optim.lr", "parallel.K",
+                "parallel.D", "comm.backend", "seed"):
+        assert key in all_keys()
+
+
+BAD = [
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    (["optimizer.lr=0.1"], "unknown config key 'optimizer.lr'"),
+    (["optim.lr=fast"], "config key 'optim.lr' must be float, got 'fast'"),
+    (["optim.lr=-1"], "config key 'optim.lr' must be > 0.0, got -1.0"),
+    (["train.epochs=0"], "config key 'train.epochs' must be >= 1, got 0"),
+    (["train.batch_size=12.5"], "config key 'train.batch_size' must be int, got 12.5"),
+    (["comm.backend=nccl"], "config key 'comm.backend' must be one of horovod, torch, mpi4py; got 'nccl'"),
+    (["model.arch=resnet21"], "config key 'model.arch' must be one of"),
+    (["lp.loss=al"], "config key 'lp.loss' is al but 'lp.multipliers' is none"),
+    (["lp.multipliers=per_sample"], "config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty"),
+    (["lp.rho0=20"], "config key 'lp.rho_max' (10.0) is below 'lp.rho0' (20.0)"),
+    (["lp.aux_source=stored"], "config key 'lp.aux_source' is stored, which needs 'data.augment: false'"),
+    (["parallel.cuts=[6,4]"], "config key 'parallel.cuts' must be strictly increasing"),
+    (["parallel.cuts=[4,6]"], "config key 'parallel.cuts' needs K-1 = 1 cut points, got 2"),
+    (["optim.momentum=1.5"], "config key 'optim.momentum' must be <= 1.0, got 1.5"),
+    (["data.augment=maybe"], "config key 'data.augment' must be bool, got 'maybe'"),
+    (["seed"], "override 'seed' is not of the form key=value"),
+    (["method=serial"], "config key 'parallel.K' must be 1 for method: serial"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_config_is_one_clear_error(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(K2, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  epochs: [1,\n")
+    with pytest.raises(UserError, match="is not valid YAML at line"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must hold a mapping of keys, not list"):
+        load_config(listy)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump({"trian": {"epochs": 2}}))
+    with pytest.raises(UserError, match="unknown config key 'trian'"):
+        load_config(nested)
+
+
+def test_cli_reports_bad_config_in_one_line_exit_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([HPCAUX, "train", "--config", str(K2), "--out", str(out), "optim.lrr=0.1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["hpcaux: error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"]
+    assert not out.exists()
+
+
+def test_configuration_reference_is_up_to_date():
+    from hpcaux.config_doc import render_reference
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == render_reference(), \
+        "docs/configuration.md is stale: run python -m hpcaux.config_doc > docs/configuration.md"
+
+
+def test_config_round_trips_through_yaml():
+    cfg = load_config(K2, ["optim.lr=0.02"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg

@@ -1,0 +1,101 @@
+"""Models, partition, AuxNet: composing the stages is bit-identical to the unsplit model."""
+import pytest
+import torch
+
+from hpcaux.errors import UserError
+from hpcaux.models import build_model
+from hpcaux.models.auxnet import AuxNet
+from hpcaux.models.blocks import BoundaryNorm
+from hpcaux.models.partition import (balanced_cuts, block_flops, block_params, block_times, boundary_shapes,
+                                     choose_cuts, make_stages)
+
+CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn16_4", "wrn28_10"]
+
+
+def _input(arch):
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 224, 224) if arch == "resnet50" else torch.randn(3, 3, 32, 32)
+
+
+@pytest.mark.parametrize("arch", CIFAR_MODELS + ["resnet50"])
+def test_partition_round_trip_is_bit_identical(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 1000 if arch == "resnet50" else 10).eval()
+    x = _input(arch)
+    with torch.no_grad():
+        whole = model(x)
+        costs = block_params(model)
+        for K in (1, 2, 3, 4):
+            stages = make_stages(model, balanced_cuts(costs, K), boundary_norm=False)
+            assert len(stages) == K
+            h = x
+            for stage in stages:
+                h = stage(h)
+            assert torch.equal(h, whole), (arch, K)
+
+
+def test_cifar_resnet_depths_and_block_counts():
+    for depth in (20, 32, 44, 56, 110):
+        model = build_model(f"resnet{depth}", 10)
+        convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        assert convs + 1 == depth  # 6n+1 convs and the final linear layer
+        assert len(model) == (depth - 2) // 2 + 2  # stem, 3n blocks (n = (depth-2)/6), head
+
+
+def test_balanced_cuts_minimise_the_largest_stage():
+    assert balanced_cuts([1, 1, 1, 1], 2) == [2]
+    assert balanced_cuts([4, 1, 1, 1, 1], 2) == [1]
+    assert balanced_cuts([1, 2, 3, 4, 5, 6], 3) == [3, 5]  # parts 6, 9, 6
+    with pytest.raises(UserError, match="larger than the model's 3 blocks"):
+        balanced_cuts([1, 1, 1], 4)
+
+
+def test_measured_costs_and_choose_cuts():
+    model = build_model("resnet20", 10)
+    x = torch.randn(8, 3, 32, 32)
+    flops = block_flops(model, x)
+    assert len(flops) == len(model) and all(f > 0 for f in flops)
+    # conv 3x3 16->16 at 32x32: 2 convs x 16*16*9*1024 MACs per sample
+    assert flops[1] == 8 * 2 * 16 * 16 * 9 * 1024
+    times = block_times(model, x, repeats=2)
+    assert len(times) == len(model) and all(t > 0 for t in times)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cuts = choose_cuts(model, 2, "time", x)
+    assert len(cuts) == 1 and 0 < cuts[0] < len(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "timing changed BN statistics"
+    with pytest.raises(UserError, match="'parallel.K' is 12, larger than the model's 11 blocks"):
+        choose_cuts(model, 12, "params", x)
+
+
+def test_boundary_norm_and_auxnet_shapes():
+    model = build_model("resnet20", 10)
+    stages = make_stages(model, [4, 7], boundary_norm=True)
+    shapes = boundary_shapes(stages, (3, 32, 32))
+    assert shapes == [(16, 32, 32), (32, 16, 16)]
+    aux = AuxNet(shapes, width=16, depth=2)
+    preds = aux(torch.randn(4, 3, 32, 32))
+    for k, shape in enumerate(shapes):
+        assert preds[k].shape == (4, *shape)
+        per_sample = preds[k].flatten(1)
+        assert torch.allclose(per_sample.mean(1), torch.zeros(4), atol=1e-5)
+        assert torch.allclose(per_sample.var(1, unbiased=False), torch.ones(4), atol=1e-3)
+    assert set(aux(torch.randn(2, 3, 32, 32), [1])) == {1}
+    x = torch.randn(3, 8, 4, 4) * 50 + 3
+    y = BoundaryNorm()(x)
+    assert torch.allclose(y.flatten(1).std(1, unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_auxnet_is_cheap_relative_to_a_stage():
+    model = build_model("resnet20", 10)
+    x = torch.randn(32, 3, 32, 32)
+    stages = make_stages(model, [4], boundary_norm=True)
+    aux = AuxNet(boundary_shapes(stages, (3, 32, 32)), width=32, depth=2)
+    aux_flops = sum(block_flops(torch.nn.Sequential(aux.trunk, aux.heads[0].proj), x))
+    stage_flops = sum(block_flops(model, x)[4:])
+    assert aux_flops < 0.15 * stage_flops, (aux_flops, stage_flops)
+
+
+def test_auxnet_downsamples_imagenet_inputs():
+    aux = AuxNet([(256, 56, 56)], width=8, depth=1, image_size=224)
+    assert aux(torch.randn(1, 3, 224, 224))[0].shape == (1, 256, 56, 56)
+    assert len(aux.trunk) == 3  # 224 -> 112 -> 56 -> 28
