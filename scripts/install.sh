@@ -63,6 +63,7 @@ build_parallel_h5py() {
 build_horovod() {
   local version=$1 work
   work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT  # also when the build fails
   log "building Horovod $version for torch $(pinned torch) (about 4 minutes, once)"
   "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$work" "horovod==$version"
   tar xzf "$work/horovod-$version.tar.gz" -C "$work"
@@ -78,7 +79,6 @@ build_horovod() {
       HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
       MAKEFLAGS="-j$(nproc)" \
       "$VENV/bin/pip" wheel -q --no-deps --no-build-isolation -w "$WHEELS" . )
-  rm -rf "$work"
 }
 
 install_source_builds() {

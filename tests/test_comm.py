@@ -32,3 +32,13 @@ def test_unknown_or_missing_backend_is_a_clear_error():
 
     with pytest.raises(UserError, match="unknown comm backend 'nccl'"):
         create_comm("nccl")
+
+
+@pytest.mark.skipif("horovod" not in installed_backends(), reason="Horovod is not installed")
+def test_horovod_backend_under_horovodrun_gloo():
+    """No MPI world under horovodrun --gloo: send/recv go over a gloo group instead."""
+    from conftest import check, run
+
+    proc = check(run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python",
+                      str(SCRIPTS / "check_comm.py"), "horovod"], timeout=180))
+    assert proc.stdout.count("comm checks passed (horovod, 2 ranks)") == 2

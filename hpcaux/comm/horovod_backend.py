@@ -1,54 +1,110 @@
 """Horovod backend: hvd.allreduce/broadcast with process sets (the cluster default).
 
-Horovod has no point-to-point operations; the pipelined evaluation and the hybrid
-fine-tune send boundary activations over mpi4py on the same MPI world, which Horovod
-shares when it runs on MPI (mpi4py initialises MPI with thread level MULTIPLE, which
-Horovod's background thread needs).
+Horovod has no point-to-point operations, which the pipelined evaluation and the hybrid
+fine-tune need. Under an MPI launcher (mpirun, srun --mpi=pmix) they go over mpi4py on
+the same MPI world (mpi4py initialises MPI with THREAD_MULTIPLE, which Horovod's
+background thread then shares). Under `horovodrun --gloo` there is no MPI world: a
+torch.distributed gloo group is set up for them instead, its address sent from rank 0
+with Horovod's own broadcast.
 """
 from __future__ import annotations
 
+import datetime
+import socket
+
 import torch
 
+from hpcaux.comm import launch
 from hpcaux.comm.base import Comm, Group
+
+
+class _MpiPointToPoint:
+    def __init__(self):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+
+    def send(self, tensor, dst):
+        self.MPI.COMM_WORLD.Send(tensor.detach().cpu().numpy(), dest=dst)
+
+    def recv(self, tensor, src):
+        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        self.MPI.COMM_WORLD.Recv(host.numpy(), source=src)
+        if host is not tensor:
+            tensor.copy_(host)
+
+    def abort(self, code):
+        self.MPI.COMM_WORLD.Abort(code)
+
+
+class _GlooPointToPoint:
+    def __init__(self, hvd, timeout_s):
+        import torch.distributed as dist
+
+        self.dist = dist
+        address = None
+        if hvd.rank() == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                address = (socket.gethostname(), s.getsockname()[1])
+        host, port = hvd.broadcast_object(address, root_rank=0, name="hpcaux.p2p_address")
+        dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=hvd.rank(),
+                                world_size=hvd.size(), timeout=datetime.timedelta(seconds=timeout_s + 60))
+
+    def send(self, tensor, dst):
+        self.dist.send(tensor.detach().cpu(), dst)
+
+    def recv(self, tensor, src):
+        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        self.dist.recv(host, src)
+        if host is not tensor:
+            tensor.copy_(host)
+
+    def abort(self, code):
+        import os
+        os._exit(code)  # horovodrun tears the other workers down when one exits non-zero
 
 
 class HorovodComm(Comm):
     name = "horovod"
 
     def __init__(self, timeout_s: float):
-        from mpi4py import MPI  # initialise MPI first, with THREAD_MULTIPLE
+        over_mpi = launch.launched_by_mpi()
+        if over_mpi:
+            from mpi4py import MPI  # noqa: F401  (initialise MPI first, with THREAD_MULTIPLE)
         import horovod.torch as hvd
 
-        self.MPI, self.hvd = MPI, hvd
+        self.hvd = hvd
         hvd.init(process_sets="dynamic")
+        self.p2p = _MpiPointToPoint() if over_mpi else _GlooPointToPoint(hvd, timeout_s)
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), timeout_s)
         self.world.handle = hvd.global_process_set
-        self._ops = 0
+        self._ops: dict = {}
 
-    def _name(self, what):
-        self._ops += 1
-        return f"hpcaux.{what}.{self._ops}"
+    def _name(self, what, group: Group):
+        """Horovod matches collectives across ranks by name: number them in call order
+        per process set (a rank skips the collectives of sets it is not in)."""
+        key = tuple(group.ranks)
+        self._ops[key] = self._ops.get(key, 0) + 1
+        return f"hpcaux.{what}.{'-'.join(map(str, key))}.{self._ops[key]}"
 
     def _new_group(self, ranks):
         return self.hvd.add_process_set(ranks)
 
     def _allreduce_sum(self, flat, group: Group):
-        self.hvd.allreduce_(flat, op=self.hvd.Sum, process_set=group.handle, name=self._name("allreduce"))
+        self.hvd.allreduce_(flat, op=self.hvd.Sum, process_set=group.handle, name=self._name("allreduce", group))
 
     def _broadcast(self, flat, root, group: Group):
-        self.hvd.broadcast_(flat, root_rank=root, process_set=group.handle, name=self._name("broadcast"))
+        self.hvd.broadcast_(flat, root_rank=root, process_set=group.handle, name=self._name("broadcast", group))
 
     def _send(self, tensor, dst):
-        self.MPI.COMM_WORLD.Send(tensor.detach().cpu().numpy(), dest=dst)
+        self.p2p.send(tensor, dst)
 
     def _recv(self, tensor, src):
-        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
-        self.MPI.COMM_WORLD.Recv(host.numpy(), source=src)
-        if host is not tensor:
-            tensor.copy_(host)
+        self.p2p.recv(tensor, src)
 
     def abort(self, code: int = 1):
-        self.MPI.COMM_WORLD.Abort(code)
+        self.p2p.abort(code)
 
     def finalize(self):
         self.hvd.shutdown()
