@@ -20,9 +20,12 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (serial, or layer-parallel under mpirun/srun/horovodrun)",
                            description="Train a model. Layer-parallel runs need parallel.K x parallel.D ranks.")
-    train.add_argument("--config", required=True, help="YAML file under configs/")
-    train.add_argument("--out", required=True, help="run directory (created; an existing run is refused)")
+    train.add_argument("--config", help="YAML file under configs/ (not with --resume)")
+    train.add_argument("--out", help="run directory (created; an existing run is refused)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    train.add_argument("--resume", metavar="RUN", help="continue RUN from its latest checkpoint (its config, plus overrides)")
+    train.add_argument("--max-epochs", type=int, metavar="N",
+                       help="stop after N epochs of this invocation, checkpointed (continue with --resume)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.05")
 
     ev = sub.add_parser("eval", help="re-evaluate a finished run from its latest checkpoint",
@@ -42,17 +45,33 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from hpcaux.config import load_config
-    from hpcaux.train.rundir import check_run_dir
+    from hpcaux.train.rundir import check_run_dir, clear_run
     from hpcaux.train.runtime import select_device, set_threads
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.out)
+    if args.resume:
+        if args.config or args.out:
+            raise UserError("--resume RUN takes the run's own config and directory; drop --config/--out")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"run directory {run_dir} holds no run to resume (config.yaml is missing)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    else:
+        if not args.config or not args.out:
+            raise UserError("train needs --config FILE and --out RUN (or --resume RUN)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.out)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
     device = select_device(launch.local_rank())
     set_threads(cfg.train.threads)
     if cfg.method == "serial":
         if launch.world_size() > 1:
             raise UserError(f"method serial runs in one process, but {launch.world_size()} ranks were launched")
+        if args.resume or args.max_epochs:
+            raise UserError("--resume and --max-epochs are for layer-parallel runs")
         check_run_dir(run_dir, args.overwrite)
+        if args.overwrite:
+            clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         from hpcaux.train.runtime import seed_everything
@@ -60,33 +79,40 @@ def _train(args) -> int:
         seed_everything(cfg.seed)
         summary = train_serial(cfg, run_dir, device)
     else:
-        summary = _train_layer_parallel(cfg, run_dir, device, args.overwrite)
+        summary = _train_layer_parallel(cfg, run_dir, device, args)
+    if "stopped_after_epoch" in summary:
+        if launch.world_rank() == 0:
+            print(json.dumps({**summary, "resume_with": f"hpcaux train --resume {run_dir}"}))
+        return 0
     if launch.world_rank() == 0:
         print(json.dumps({k: summary[k] for k in ("method", "model", "K", "D", "epochs", "test_acc",
                                                   "train_samples_per_s", "wall_s")}))
     return 0
 
 
-def _train_layer_parallel(cfg, run_dir: Path, device, overwrite: bool) -> dict:
+def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    from hpcaux.train.rundir import check_run_dir
+    from hpcaux.train.rundir import check_run_dir, clear_run
 
     comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
     problem = None
     if comm.rank == 0:
         try:
-            check_run_dir(run_dir, overwrite)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            check_run_dir(run_dir, args.overwrite, resume=bool(args.resume))
+            if not args.resume:
+                if args.overwrite:
+                    clear_run(run_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(cfg.to_yaml())
         except UserError as err:
             problem = str(err)
     problem = comm.broadcast_object(problem, root=0)
     if problem:
         raise UserError(problem)
     try:
-        return LayerParallelTrainer(cfg, run_dir, comm, device).run()
+        return LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume)).run(args.max_epochs)
     finally:
         comm.finalize()
 

@@ -99,6 +99,19 @@ class LayerParallelConfig:
 
 
 @dataclass
+class StoreConfig:
+    """RUN/aux.h5 (DESIGN.md section 4)."""
+    mode: str = field(default="auto", metadata={"choices": ("auto", "mpio", "per_rank"), "help": "auto: one shared file via parallel HDF5 where h5py has it and MPI launched the job, else per-rank files joined by a virtual index"})
+    float16: bool = field(default=False, metadata={"help": "store z and lambda as float16"})
+    probe_size: int = field(default=64, metadata={"min": 0, "help": "held-out images whose AuxNet outputs are snapshot every epoch"})
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=1, metadata={"min": 0, "help": "checkpoint every N epochs (0: only at the end)"})
+
+
+@dataclass
 class Config:
     method: str = field(default="serial", metadata={"choices": ("serial", "layer_parallel")})
     seed: int = 0
@@ -110,6 +123,8 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     auxnet: AuxNetConfig = field(default_factory=AuxNetConfig)
     lp: LayerParallelConfig = field(default_factory=LayerParallelConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

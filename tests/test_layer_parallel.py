@@ -11,8 +11,9 @@ SCRIPTS = ROOT / "tests" / "mpi"
 
 @pytest.mark.parametrize("np", [2, 3])
 @pytest.mark.parametrize("backend", installed_backends())
-def test_gradients_equal_single_process_joint_loss(backend, np, cifar_root):
-    proc = check(mpirun(np, ["python", str(SCRIPTS / "check_gradients.py"), backend, str(cifar_root)], timeout=240))
+def test_gradients_equal_single_process_joint_loss(backend, np, cifar_root, tmp_path):
+    proc = check(mpirun(np, ["python", str(SCRIPTS / "check_gradients.py"), backend, str(cifar_root), str(tmp_path)],
+                        timeout=240))
     assert proc.stdout.count("penalty gradients match") == np
     assert proc.stdout.count("al gradients match") == np
 
@@ -26,9 +27,9 @@ def test_composed_evaluation_equals_single_process(np, cifar_root, tmp_path):
 
 
 @pytest.mark.parametrize("backend", installed_backends())
-def test_k2_d2_keeps_replicas_identical(backend, cifar_root):
-    proc = check(mpirun(4, ["python", str(SCRIPTS / "check_replicas.py"), backend, str(cifar_root), "2", "2"],
-                        timeout=240))
+def test_k2_d2_keeps_replicas_identical(backend, cifar_root, tmp_path):
+    proc = check(mpirun(4, ["python", str(SCRIPTS / "check_replicas.py"), backend, str(cifar_root), str(tmp_path),
+                            "2", "2"], timeout=240))
     assert proc.stdout.count("identical") == 4
 
 

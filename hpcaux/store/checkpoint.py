@@ -22,13 +22,19 @@ def _atomic_torch_save(obj, path: Path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, tag: str, files: dict, manifest: dict, rank: int = 0, barrier=None):
-    """Write this rank's `files` (name -> object) under RUN/ckpt/<tag>, then commit it."""
+def save_checkpoint(run_dir: Path, tag: str, files: dict, manifest: dict, rank: int = 0, barrier=None,
+                    before_commit=None):
+    """Write this rank's `files` (name -> object) under RUN/ckpt/<tag>, then commit it.
+
+    `before_commit` runs between this rank's writes and the barrier (fault-injection point).
+    """
     barrier = barrier or (lambda what: None)
     folder = run_dir / "ckpt" / tag
     folder.mkdir(parents=True, exist_ok=True)
     for name, obj in files.items():
         _atomic_torch_save(obj, folder / name)
+    if before_commit:
+        before_commit()
     barrier("barrier after writing checkpoint files")
     if rank == 0:
         tmp = folder / "manifest.json.tmp"

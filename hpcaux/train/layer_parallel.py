@@ -11,7 +11,9 @@ Rank r owns stage r mod K of replica r div K. Every step, each rank
      batch, summed over the replica's stages) — plus, when D > 1, the stage-gradient
      average over the stage's process set.
 No activation crosses ranks during training. Evaluation is always the true composition,
-run across the ranks by hpcaux.train.composed.
+run across the ranks by hpcaux.train.composed. Per-sample state (stored z, AL
+multipliers) lives in RUN/aux.h5 (hpcaux.train.lp_store) and is read and written batch by
+batch; checkpoints every `ckpt.every` epochs make a run resumable (lp_checkpoint).
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ from hpcaux.models import build_model
 from hpcaux.models.auxnet import AuxNet
 from hpcaux.models.blocks import ClassifierHead
 from hpcaux.models.partition import boundary_shapes, choose_cuts, make_stages
-from hpcaux.store.checkpoint import save_checkpoint
+from hpcaux.store.aux_store import open_store_for_run
 from hpcaux.train.composed import StageChain
 from hpcaux.train.layout import Layout
 from hpcaux.train.losses import al_update, relative_gap, stage_term
+from hpcaux.train.lp_checkpoint import read_resume_manifest, restore_trainer, save_trainer
+from hpcaux.train.lp_store import RunStore, SampleStats, lambda_name, z_name
 from hpcaux.train.progress import Progress
 from hpcaux.train.rundir import MetricsLog, write_json
 from hpcaux.train.runtime import seed_everything
@@ -58,7 +62,7 @@ def build_auxnet(cfg, shapes, image_shape) -> AuxNet:
 
 
 class LayerParallelTrainer:
-    def __init__(self, cfg, run_dir: Path, comm, device: torch.device):
+    def __init__(self, cfg, run_dir: Path, comm, device: torch.device, resume: bool = False):
         self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
         K, D = cfg.parallel.K, cfg.parallel.D
         if K < 2:
@@ -66,12 +70,16 @@ class LayerParallelTrainer:
         self.layout = Layout.for_world(K, D, comm.rank, comm.size)
         if cfg.lp.aux_source == "stored" and D > 1:
             raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
+        if cfg.lp.multipliers == "per_sample" and D > 1 and cfg.store.mode == "per_rank":
+            raise UserError("config key 'lp.multipliers' per_sample with parallel.D > 1 needs store.mode mpio "
+                            "(the replicas of a stage share one multiplier array)")
         s = self.layout.stage
         comm.watchdog.context.update(stage=s, replica=self.layout.replica)
+        self.resume_from, manifest = read_resume_manifest(run_dir, K) if resume else (None, None)
         self.data = load_data(cfg.data, cfg.seed)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
-        self.cuts = self._agree_on_cuts(model)
+        self.cuts = manifest["cuts"] if manifest else self._agree_on_cuts(model)
         stages = make_stages(model, self.cuts, boundary_norm=True)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
@@ -88,13 +96,16 @@ class LayerParallelTrainer:
         self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
         self.in_boundary = s - 1 if s > 0 else None
         self.out_boundary = s if s < K - 1 else None
-        self.multipliers = None
-        if cfg.lp.multipliers == "per_sample" and self.out_boundary is not None:
-            self.multipliers = torch.zeros(self.data.n_train, *self.shapes[s])
-        self.z = self._init_stored_z(stages) if cfg.lp.aux_source == "stored" else {}
+        self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
+        self.store = open_store_for_run(run_dir, comm, cfg.store.mode)
+        self.run_store = RunStore(self.store, cfg, self.layout, self.shapes, self.data.n_train)
+        if cfg.lp.aux_source == "stored" and not resume:
+            self._init_stored_z(stages)
         self.chain = StageChain(comm, self.layout, self.stage, self.shapes, device)
         self.steps = self.data.steps_per_epoch(cfg.train.batch_size, D)
         self.allreduce_values = 0
+        self.start_epoch = manifest["epoch"] if manifest else 0
+        self.epoch_stats = {"multiplier": SampleStats(), "z": SampleStats()}
 
     # --- set-up ------------------------------------------------------------------------
     def _agree_on_cuts(self, model) -> list[int]:
@@ -111,33 +122,36 @@ class LayerParallelTrainer:
         return self.comm.broadcast_object(cuts, root=0)
 
     @torch.no_grad()
-    def _init_stored_z(self, stages) -> dict:
+    def _init_stored_z(self, stages):
         """z_k of every training sample, from a forward pass of the initial composed network.
 
         Every rank holds the whole initial model (same seed), so ranks k and k+1 compute
-        the same z_k without communicating.
+        the same z_k without communicating; they write it to the store (its owner only,
+        in mpio mode).
         """
         wanted = [b for b in (self.in_boundary, self.out_boundary) if b is not None]
-        z = {b: torch.empty(self.data.n_train, *self.shapes[b]) for b in wanted}
         for st in stages:
             st.eval()
-        for start in range(0, self.data.n_train, self.cfg.train.eval_batch_size):
-            idx = torch.arange(start, min(start + self.cfg.train.eval_batch_size, self.data.n_train))
+        batch = self.cfg.train.eval_batch_size
+        for start in range(0, self.data.n_train, batch):
+            idx = torch.arange(start, min(start + batch, self.data.n_train))
             h = self.data.normalized_train(idx, self.device)
             for b in range(max(wanted) + 1):
                 h = stages[b](h)
-                if b in z:
-                    z[b][idx] = h.cpu()
+                if b in wanted:
+                    self.store.fill_rows(z_name(b), start, h)
         for st in stages:
             st.train()
-        return z
+        self.store.flush(self.comm.barrier)
 
     # --- one step ----------------------------------------------------------------------
     def _inputs(self, x, idx):
         """(stage input, target, AuxNet outputs to back-propagate into) for a batch."""
         if self.auxnet is None:
-            inp = x if self.in_boundary is None else self.z[self.in_boundary][idx].to(self.device).requires_grad_()
-            target = None if self.out_boundary is None else self.z[self.out_boundary][idx].to(self.device).requires_grad_()
+            def stored(b):
+                return self.store.read_rows(z_name(b), idx).to(self.device).requires_grad_()
+            inp = x if self.in_boundary is None else stored(self.in_boundary)
+            target = None if self.out_boundary is None else stored(self.out_boundary)
             return inp, target, {}
         wanted = [b for b in (self.in_boundary, self.out_boundary) if b is not None]
         preds = self.auxnet(x, wanted)
@@ -153,7 +167,8 @@ class LayerParallelTrainer:
         t0 = time.perf_counter()
         inp, target, preds = self._inputs(x, idx)
         t1 = time.perf_counter()
-        multiplier = self.multipliers[idx].to(self.device) if self.multipliers is not None else None
+        multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
+            if self.has_multipliers else None
         out = self.stage(inp)
         term = stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
                           local_head=self.local_head, local_weight=self.cfg.lp.local_cls_weight)
@@ -177,8 +192,10 @@ class LayerParallelTrainer:
         self.stage_opt.step()
         if self.aux_opt:
             self.aux_opt.step()
-        if self.multipliers is not None:
-            self.multipliers[idx] = al_update(multiplier, term.residual, rho).cpu()
+        if self.has_multipliers:
+            updated = al_update(multiplier, term.residual, rho)
+            self.store.write_rows(lambda_name(self.out_boundary), idx, updated)
+            self.epoch_stats["multiplier"].add(updated)
         t2 = time.perf_counter()
         timer["stage_s"] += t2 - t1
         timer["step_s"] = t2 - t0
@@ -221,9 +238,14 @@ class LayerParallelTrainer:
             grads[self.out_boundary] += target.grad
         self.comm.allreduce(grads, op="sum", group=self.replica_group, what="allreduce stored-z gradients")
         self.allreduce_values = sum(g.numel() for g in grads)
-        for b, z in self.z.items():
+        for b, t in ((self.in_boundary, inp), (self.out_boundary, target)):
+            if b is None:
+                continue
             scale = self.cfg.lp.z_lr * batch * math.prod(self.shapes[b])
-            z[idx] -= scale * grads[b].cpu()
+            updated = t.detach() - scale * grads[b]
+            self.store.write_rows(z_name(b), idx, updated)
+            if b == self.out_boundary:
+                self.epoch_stats["z"].add(updated)
 
     # --- per-epoch measurements ---------------------------------------------------------
     def _eval_batches(self, subset):
@@ -274,20 +296,57 @@ class LayerParallelTrainer:
         return self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch, augment=augment,
                                        device=self.device, replica=self.layout.replica, replicas=self.layout.D)
 
-    def run(self) -> dict:
+    def _probe_outputs(self) -> dict:
+        """AuxNet head outputs on the fixed probe images, for the heads this rank owns."""
+        if self.auxnet is None or self.layout.replica != 0 or self.out_boundary is None or not self.cfg.store.probe_size:
+            return {}
+        probe = next(self.data.test_batches(self.cfg.store.probe_size, device=self.device,
+                                            subset=self.cfg.store.probe_size, seed=self.cfg.seed))[0]
+        self.auxnet.eval()
+        with torch.no_grad():
+            out = self.auxnet(probe, [self.out_boundary])
+        self.auxnet.train()
+        return {b: v.cpu().numpy() for b, v in out.items()}
+
+    def _end_of_epoch(self, epoch: int, record: dict, log, progress):
+        """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks)."""
+        if self.comm.rank == 0:
+            log.append(record)
+            progress.note(self._epoch_line(record))
+        self.run_store.record_epoch(epoch - 1, record)
+        if record["phase"] == "layer_parallel" and self.cfg.store.probe_size:
+            self.run_store.record_snapshots(epoch, self._probe_outputs())
+        self.store.flush(self.comm.barrier)
+
+    def _checkpoint_due(self, epoch: int, stopping: bool) -> bool:
+        every = self.cfg.ckpt.every
+        return stopping or (every > 0 and epoch % every == 0)
+
+    def run(self, max_epochs: int | None = None) -> dict:
+        """Train from the start (or the resumed epoch) to the end, or for `max_epochs` epochs
+        of this invocation — then checkpoint, so `--resume` continues the same schedule."""
         cfg, lay = self.cfg, self.layout
         is_root = self.comm.rank == 0
-        log = MetricsLog(self.run_dir, fresh=True) if is_root else None
+        log = MetricsLog(self.run_dir, fresh=self.resume_from is None) if is_root else None
         epochs, ft_epochs = cfg.train.epochs, cfg.lp.finetune_epochs
-        progress = Progress(self.steps * (epochs + ft_epochs), cfg.train.progress, self.comm.rank)
+        last_epoch = epochs + ft_epochs
+        if max_epochs:
+            last_epoch = min(last_epoch, self.start_epoch + max_epochs)
+        progress = Progress(self.steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
+        if self.resume_from is not None:
+            progress.note(f"resuming from {self.resume_from} after epoch {self.start_epoch}")
+            restore_trainer(self, self.resume_from)
         augment = cfg.data.augment and cfg.lp.aux_source == "auxnet"
-        started, train_time, step = time.perf_counter(), 0.0, 0
+        # Every epoch has self.steps steps, so the step count (which the lr schedule
+        # follows) is derived from the epoch, also when a resume changes D.
+        started, train_time, step = time.perf_counter(), 0.0, self.start_epoch * self.steps
         total_steps = self.steps * epochs
-        timers = {k: 0.0 for k in TIMERS}
-        for epoch in range(epochs):
+        timers, steps_here = {k: 0.0 for k in TIMERS}, 0
+        for epoch in range(self.start_epoch, min(epochs, last_epoch)):
             rho = rho_at_epoch(cfg.lp, epoch)
             epoch_start = time.perf_counter()
             sums = {"loss": 0.0, "gap_num": 0.0, "gap_den": 0.0}
+            self.epoch_stats = {"multiplier": SampleStats(), "z": SampleStats()}
             for x, y, idx in self._batches(epoch, augment):
                 lr = learning_rate(cfg.optim, step, total_steps, self.steps)
                 set_lr(self.stage_opt, lr)
@@ -296,6 +355,7 @@ class LayerParallelTrainer:
                 self.comm.watchdog.context["step"] = step
                 out = self.train_step(x, y, idx, rho)
                 step += 1
+                steps_here += 1
                 for k in sums:
                     sums[k] += out[k]
                 for k in TIMERS:
@@ -304,40 +364,47 @@ class LayerParallelTrainer:
             epoch_s = time.perf_counter() - epoch_start
             train_time += epoch_s
             metrics = self.held_out_metrics(cfg.data.eval_subset)
-            per_rank = self.gather_per_rank([sums["loss"] / self.steps,
-                                             sums["gap_num"] / max(sums["gap_den"], 1e-12),
-                                             *(timers[k] / step for k in TIMERS)])
+            mult, zs = self.epoch_stats["multiplier"], self.epoch_stats["z"]
+            per_rank = self.gather_per_rank([sums["loss"] / self.steps, sums["gap_num"] / max(sums["gap_den"], 1e-12),
+                                             *(timers[k] / steps_here for k in TIMERS),
+                                             mult.rms(), zs.mean(), zs.std()])
+            owners = per_rank[:lay.K - 1]  # stage k of replica 0 owns boundary k
             record = {"epoch": epoch + 1, "phase": "layer_parallel", "rho": rho, "lr": lr,
-                      "stage_loss": per_rank[:lay.K, 0].tolist(),
-                      "train_rel_gap": per_rank[:lay.K - 1, 1].tolist(),
+                      "stage_loss": per_rank[:lay.K, 0].tolist(), "train_rel_gap": owners[:, 1].tolist(),
                       **metrics,
-                      "step_ms_per_rank": (per_rank[:, 5] * 1e3).tolist(),
-                      "aux_ms_per_rank": (per_rank[:, 2] * 1e3).tolist(),
-                      "comm_ms_per_rank": (per_rank[:, 4] * 1e3).tolist(),
+                      "step_ms": (per_rank[:, 5] * 1e3).tolist(), "aux_ms": (per_rank[:, 2] * 1e3).tolist(),
+                      "comm_ms": (per_rank[:, 4] * 1e3).tolist(),
+                      "multiplier_rms": owners[:, 6].tolist() if cfg.lp.multipliers == "per_sample" else None,
+                      "z_mean": owners[:, 7].tolist() if cfg.lp.aux_source == "stored" else None,
+                      "z_std": owners[:, 8].tolist() if cfg.lp.aux_source == "stored" else None,
                       "allreduce_values": self.allreduce_values,
                       "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
-            if is_root:
-                log.append(record)
-                progress.note(self._epoch_line(record))
-        ft_time = self._finetune(progress, log) if ft_epochs else 0.0
+            self._end_of_epoch(epoch + 1, record, log, progress)
+            if self._checkpoint_due(epoch + 1, stopping=epoch + 1 == last_epoch):
+                self.save(f"epoch_{epoch + 1}", epoch + 1, "layer_parallel")
+        ft_time = self._finetune(progress, log, last_epoch) if last_epoch > epochs else 0.0
         progress.close()
+        if last_epoch < epochs + ft_epochs:
+            self.store.close(self.comm.barrier)
+            return {"stopped_after_epoch": last_epoch}
         final = self.held_out_metrics(cfg.data.test_subset)
-        self.save("final", epochs + ft_epochs)
-        per_rank = self.gather_per_rank([timers[k] / max(step, 1) for k in TIMERS])
+        self.save("final", last_epoch, "done")
+        self.store.close(self.comm.barrier)
+        per_rank = self.gather_per_rank([timers[k] / max(steps_here, 1) for k in TIMERS])
         summary = {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": lay.K, "D": lay.D, "cuts": self.cuts, "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
                    "epochs": epochs, "finetune_epochs": ft_epochs, "train_samples": self.data.n_train,
                    "test_acc": final["composed_acc"], "auxnet_path_acc": final.get("auxnet_path_acc"),
                    "final_rel_gap": final.get("rel_gap"),
                    "wall_s": time.perf_counter() - started, "train_s": train_time, "finetune_s": ft_time,
-                   "train_samples_per_s": self.steps * epochs * cfg.train.batch_size * lay.D / train_time,
+                   "train_samples_per_s": steps_here * cfg.train.batch_size * lay.D / train_time if train_time else None,
                    "step_ms_per_rank": (per_rank[:, 3] * 1e3).tolist(),
                    "aux_ms_per_rank": (per_rank[:, 0] * 1e3).tolist(),
                    "stage_ms_per_rank": (per_rank[:, 1] * 1e3).tolist(),
                    "comm_ms_per_rank": (per_rank[:, 2] * 1e3).tolist(),
-                   "aux_fraction_of_stage": (per_rank[:, 0] / per_rank[:, 1]).max().item(),
+                   "aux_fraction_of_stage": (per_rank[:, 0] / per_rank[:, 1].clamp(min=1e-12)).max().item(),
                    "allreduce_values_per_step": self.allreduce_values,
-                   "threads": torch.get_num_threads(), "backend": self.comm.name}
+                   "threads": torch.get_num_threads(), "backend": self.comm.name, "store_mode": self.store.mode}
         if is_root:
             write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -346,19 +413,21 @@ class LayerParallelTrainer:
     def _epoch_line(r: dict) -> str:
         gaps = " ".join(f"{g:.4f}" for g in r.get("rel_gap", r.get("train_rel_gap", [])))
         aux = f" auxnet-path {r['auxnet_path_acc']:.3f}" if "auxnet_path_acc" in r else ""
-        steps = "/".join(f"{t:.0f}" for t in r["step_ms_per_rank"])
+        steps = "/".join(f"{t:.0f}" for t in r["step_ms"])
         return (f"epoch {r['epoch']} [{r['phase']}]: loss {'/'.join(f'{v:.3f}' for v in r['stage_loss'])} "
                 f"composed {r['composed_acc']:.3f}{aux} gap {gaps} rho {r.get('rho', 0):.2f} "
                 f"step ms {steps} ({r['samples_per_s']:.0f} samples/s)")
 
-    def _finetune(self, progress, log) -> float:
+    def _finetune(self, progress, log, last_epoch: int) -> float:
         """Serial-parallel hybrid: end-to-end backprop of the composed network over send/recv."""
         cfg, lay = self.cfg, self.layout
         optimizer = make_optimizer(list(self.stage.parameters()), cfg.optim, lr=cfg.lp.finetune_lr)
+        if self.resume_from is not None and self.start_epoch > cfg.train.epochs:
+            restore_trainer(self, self.resume_from, finetune_opt=optimizer)
         total = self.steps * cfg.lp.finetune_epochs
-        step, elapsed = 0, 0.0
-        for ft_epoch in range(cfg.lp.finetune_epochs):
-            epoch = cfg.train.epochs + ft_epoch
+        first = max(self.start_epoch, cfg.train.epochs)
+        step, elapsed = (first - cfg.train.epochs) * self.steps, 0.0
+        for epoch in range(first, last_epoch):
             start, loss_sum = time.perf_counter(), 0.0
             for x, y, _ in self._batches(epoch, cfg.data.augment):
                 set_lr(optimizer, learning_rate(cfg.optim, step, total, self.steps, base_lr=cfg.lp.finetune_lr))
@@ -371,29 +440,19 @@ class LayerParallelTrainer:
                 optimizer.step()
                 loss_sum += loss or 0.0
                 step += 1
-                progress.update(f"finetune {ft_epoch + 1}")
+                progress.update(f"finetune {epoch + 1 - cfg.train.epochs}")
             epoch_s = time.perf_counter() - start
             elapsed += epoch_s
             metrics = self.held_out_metrics(self.cfg.data.eval_subset)
             losses = self.gather_per_rank([loss_sum / self.steps])
-            record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [losses[lay.K - 1, 0].item()],
-                      **metrics, "step_ms_per_rank": [epoch_s / self.steps * 1e3],
+            record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [0.0] * (lay.K - 1) + [losses[lay.K - 1, 0].item()],
+                      **metrics, "step_ms": [epoch_s / self.steps * 1e3] * self.comm.size,
                       "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
-            if log is not None:
-                log.append(record)
-                progress.note(self._epoch_line(record))
+            self._end_of_epoch(epoch + 1, record, log, progress)
+            if self._checkpoint_due(epoch + 1, stopping=epoch + 1 == last_epoch):
+                self.save(f"epoch_{epoch + 1}", epoch + 1, "finetune", optimizer)
         return elapsed
 
-    def save(self, tag: str, epoch: int):
-        lay = self.layout
-        files = {}
-        if lay.replica == 0:
-            files[f"stage_{lay.stage}.pt"] = {"stage": self.stage.state_dict(),
-                                              "local_head": self.local_head.state_dict() if self.local_head else None}
-            if self.auxnet is not None and lay.stage == 0:
-                files["auxnet.pt"] = self.auxnet.state_dict()
-        manifest = {"method": "layer_parallel", "model": self.cfg.model.arch, "dataset": self.cfg.data.dataset,
-                    "K": lay.K, "D": lay.D, "cuts": self.cuts, "boundary_shapes": [list(s) for s in self.shapes],
-                    "epoch": epoch, "config": self.cfg.to_dict(),
-                    "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if self.auxnet else [])}
-        save_checkpoint(self.run_dir, tag, files, manifest, self.comm.rank, self.comm.barrier)
+    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None):
+        self.store.flush(self.comm.barrier)
+        save_trainer(self, tag, epoch, phase, finetune_opt)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from hpcaux.errors import UserError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "ckpt")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "ckpt", "aux.h5")
 
 
 def check_run_dir(path: Path, overwrite: bool, resume: bool = False):
@@ -25,6 +26,18 @@ def check_run_dir(path: Path, overwrite: bool, resume: bool = False):
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
     if not os.access(probe, os.W_OK):
         raise UserError(f"run directory {path} is not writable")
+
+
+def clear_run(path: Path):
+    """--overwrite: remove the previous run's files (only those hpcaux writes)."""
+    for name in RUN_FILES:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    for per_rank in path.glob("aux.rank*.h5"):
+        per_rank.unlink()
 
 
 def write_json(path: Path, obj):

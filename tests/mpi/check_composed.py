@@ -27,7 +27,7 @@ with torch.no_grad():
     logits = [trainer.chain.forward(x)[1] for x, _ in trainer._eval_batches(400)]
 if trainer.layout.is_last:
     torch.save(torch.cat(logits), run_dir / "logits_across_ranks.pt")
-trainer.save("final", 0)  # ends with a barrier: the logits file is complete
+trainer.save("final", 0, "done")  # ends with a barrier: the logits file is complete
 if comm.rank == 0:
     in_one_process = evaluate_run(run_dir, subset=400)["test_acc"]
     assert abs(across_ranks - in_one_process) < 1e-12, (across_ranks, in_one_process)
@@ -38,4 +38,5 @@ if comm.rank == 0:
     pipelined = torch.load(run_dir / "logits_across_ranks.pt")
     assert torch.allclose(pipelined, reference, atol=1e-5), (pipelined - reference).abs().max()
     print(f"composed logits and accuracy {across_ranks:.4f} across ranks == {in_one_process:.4f} in one process")
+trainer.store.close(comm.barrier)
 comm.finalize()

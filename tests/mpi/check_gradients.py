@@ -1,11 +1,10 @@
-"""Gradient equivalence under mpirun -np K: python check_gradients.py BACKEND DATA_ROOT.
+"""Gradient equivalence under mpirun -np K: python check_gradients.py BACKEND DATA_ROOT RUN_DIR.
 
 Each rank's stage gradient, and the allreduced AuxNet gradient, must equal the gradient
 of the whole joint loss L (sum of every stage's term) computed in one process; for the
 penalty and the augmented-Lagrangian objectives. Also checks the AL multiplier update.
 """
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,9 +14,10 @@ from hpcaux.models import build_model
 from hpcaux.models.partition import make_stages
 from hpcaux.train.layer_parallel import LayerParallelTrainer, build_auxnet, build_local_head
 from hpcaux.train.losses import stage_term
+from hpcaux.train.lp_store import lambda_name
 from hpcaux.train.runtime import seed_everything
 
-backend, data_root = sys.argv[1], sys.argv[2]
+backend, data_root, run_root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 K = world_size()
 comm = make_comm(backend)
 rho = 2.0
@@ -59,24 +59,26 @@ def assert_close(name, mine, ref):
 for loss in ("penalty", "al"):
     extra = ["lp.loss=al", "lp.multipliers=per_sample"] if loss == "al" else []
     cfg = tiny_config(data_root, backend, K, 1, *extra)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = LayerParallelTrainer(cfg, Path(tmp), comm, torch.device("cpu"))
-        s = trainer.layout.stage
-        lams = multipliers(trainer.data.n_train, trainer.shapes) if loss == "al" else None
-        if lams and s < K - 1:
-            trainer.multipliers = lams[s].clone()
-        x, y, idx = next(trainer._batches(0, augment=True))
-        trainer.compute_gradients(x, y, idx, rho)
-        stages, heads, auxnet, residuals = reference_gradients(cfg, trainer, x, y, idx, lams)
-        assert_close("stage", list(trainer.stage.parameters()), list(stages[s].parameters()))
+    trainer = LayerParallelTrainer(cfg, run_root / loss, comm, torch.device("cpu"))
+    s = trainer.layout.stage
+    lams = multipliers(trainer.data.n_train, trainer.shapes) if loss == "al" else None
+    if lams and s < K - 1:
+        trainer.store.fill_rows(lambda_name(s), 0, lams[s])
+    trainer.store.flush(comm.barrier)
+    x, y, idx = next(trainer._batches(0, augment=True))
+    trainer.compute_gradients(x, y, idx, rho)
+    stages, heads, auxnet, residuals = reference_gradients(cfg, trainer, x, y, idx, lams)
+    assert_close("stage", list(trainer.stage.parameters()), list(stages[s].parameters()))
+    if s < K - 1:
+        assert_close("local head", list(trainer.local_head.parameters()), list(heads[s].parameters()))
+    assert_close("AuxNet", list(trainer.auxnet.parameters()), list(auxnet.parameters()))
+    if loss == "al":
+        before = trainer.store.read_rows(lambda_name(s), idx) if s < K - 1 else None
+        trainer.train_step(x, y, idx, rho)  # collective; same weights as above: same residual
         if s < K - 1:
-            assert_close("local head", list(trainer.local_head.parameters()), list(heads[s].parameters()))
-        assert_close("AuxNet", list(trainer.auxnet.parameters()), list(auxnet.parameters()))
-        if loss == "al":
-            before = trainer.multipliers[idx].clone() if s < K - 1 else None
-            trainer.train_step(x, y, idx, rho)  # collective; same weights as above: same residual
-            if s < K - 1:
-                expected = before + rho * residuals[s]
-                assert torch.allclose(trainer.multipliers[idx], expected, atol=1e-5), "AL update differs"
+            expected = before + rho * residuals[s]
+            after = trainer.store.read_rows(lambda_name(s), idx)
+            assert torch.allclose(after, expected, atol=1e-5), "AL update differs"
+    trainer.store.close(comm.barrier)
     print(f"rank {comm.rank}: {loss} gradients match the single-process joint loss")
 comm.finalize()

@@ -1,9 +1,8 @@
 """K x D: after a few steps every replica of a stage, and every AuxNet copy, is identical.
 
-python check_replicas.py BACKEND DATA_ROOT K D   (under mpirun -np K*D)
+python check_replicas.py BACKEND DATA_ROOT RUN_DIR K D   (under mpirun -np K*D)
 """
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,23 +11,22 @@ from torch.nn.utils import parameters_to_vector
 from common import make_comm, tiny_config
 from hpcaux.train.layer_parallel import LayerParallelTrainer
 
-backend, data_root, K, D = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backend, data_root, run_dir, K, D = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 comm = make_comm(backend)
 cfg = tiny_config(data_root, backend, K, D, "data.train_subset=256")
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = LayerParallelTrainer(cfg, Path(tmp), comm, torch.device("cpu"))
-    for i, (x, y, idx) in enumerate(trainer._batches(0, augment=True)):
-        trainer.train_step(x, y, idx, rho=1.0)
-        if i == 2:
-            break
-    stage = parameters_to_vector(trainer.stage.parameters()).detach()
-    aux = torch.cat([parameters_to_vector(trainer.auxnet.parameters()).detach(),
-                     *[b.flatten() for b in trainer.auxnet.buffers() if b.is_floating_point()]])
-    stage_mean, aux_mean = stage.clone(), aux.clone()
-    comm.allreduce([stage_mean], op="mean", group=trainer.stage_group)
-    comm.allreduce([aux_mean], op="mean")
-    assert torch.allclose(stage, stage_mean, atol=1e-6), f"rank {comm.rank}: stage replicas differ"
-    assert torch.allclose(aux, aux_mean, atol=1e-6), f"rank {comm.rank}: AuxNet copies differ"
-    # and the replicas did see different data: the step moved the weights
-    print(f"rank {comm.rank}: stage {trainer.layout.stage} replica {trainer.layout.replica} identical")
+trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
+for i, (x, y, idx) in enumerate(trainer._batches(0, augment=True)):
+    trainer.train_step(x, y, idx, rho=1.0)
+    if i == 2:
+        break
+stage = parameters_to_vector(trainer.stage.parameters()).detach()
+aux = torch.cat([parameters_to_vector(trainer.auxnet.parameters()).detach(),
+                 *[b.flatten() for b in trainer.auxnet.buffers() if b.is_floating_point()]])
+stage_mean, aux_mean = stage.clone(), aux.clone()
+comm.allreduce([stage_mean], op="mean", group=trainer.stage_group)
+comm.allreduce([aux_mean], op="mean")
+assert torch.allclose(stage, stage_mean, atol=1e-6), f"rank {comm.rank}: stage replicas differ"
+assert torch.allclose(aux, aux_mean, atol=1e-6), f"rank {comm.rank}: AuxNet copies differ"
+print(f"rank {comm.rank}: stage {trainer.layout.stage} replica {trainer.layout.replica} identical")
+trainer.store.close(comm.barrier)
 comm.finalize()

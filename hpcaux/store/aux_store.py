@@ -1,0 +1,259 @@
+"""RUN/aux.h5: auxiliary variables, multipliers, AuxNet snapshots and metric series.
+
+Layout (DESIGN.md section 4):
+
+    /meta                         attrs: config (YAML), version, K, D, dataset, git sha, mode
+    /boundary_{k}/z               (N, C, H, W) stored auxiliary variables  (aux_source: stored)
+    /boundary_{k}/lambda          (N, C, H, W) AL multipliers              (multipliers: per_sample)
+    /boundary_{k}/snapshots/e{E}  AuxNet outputs A_k(x) on a fixed probe set after epoch E
+    /metrics/{name}               per-epoch series, first axis = epoch
+
+Two ways to write it, one way to read it:
+
+* `mpio` (h5py built against parallel HDF5 and an MPI launch): every rank opens the one
+  file. Creating and resizing datasets is collective, so every rank makes every call.
+  A per-sample array is written by its writers only (z_k by stage k's rank, lambda_k by
+  the replicas of stage k); stage k+1 reads z_k. Each sample is touched once per epoch
+  and the file is flushed collectively at every epoch end, which makes the writes
+  visible (MPI-IO sync-barrier-sync). Metric rows and snapshots are collective writes in
+  which the ranks with nothing to write select nothing — a rank that skipped the call
+  would deadlock the others. (h5py's own zero-length slice write `ds[i:i] = ...` issues
+  no H5Dwrite at all and deadlocks the owner; we call H5Dwrite with select_none.)
+  Every collective call runs under the hang watchdog.
+* `per_rank` (serial h5py, or no MPI): rank r writes aux.rank{r}.h5 holding every
+  per-sample array it uses (stage k+1 keeps its own identical copy of z_k instead of
+  reading a file another process is writing). At every flush rank 0 rewrites aux.h5 as
+  virtual datasets over the owners' files, atomically.
+
+Readers (`hpcaux analyze`, h5py, xarray, h5dump) open aux.h5 alone, with no MPI.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from hpcaux import __version__
+from hpcaux.errors import UserError
+
+
+def mpio_available() -> bool:
+    return bool(h5py.get_config().mpi)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A dataset of the store and who touches it.
+
+    owner:   the rank whose copy aux.h5 shows (per_rank) and who writes collective rows;
+    writers: ranks that write rows of a per-sample array in mpio mode (the replicas of a
+             stage share one array there);
+    holders: ranks that keep it in their own file in per_rank mode.
+    """
+    name: str
+    shape: tuple
+    dtype: str
+    owner: int
+    holders: tuple
+    writers: tuple = ()
+    chunks: tuple | None = None
+    growable: bool = False  # metric series grow along the epoch axis
+
+
+class AuxStore:
+    def __init__(self, run_dir: Path, rank: int, size: int, mode: str, mpi_comm=None, guard=None):
+        self.run_dir, self.rank, self.size, self.mode = Path(run_dir), rank, size, mode
+        self.mpi_comm = mpi_comm
+        self._guard = guard
+        self.path = self.run_dir / "aux.h5"
+        self.specs: dict[str, ArraySpec] = {}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.path if mode == "mpio" else self.run_dir / f"aux.rank{rank}.h5"
+        try:
+            with self._collective(f"open {path.name}"):
+                self.file = (h5py.File(path, "a", driver="mpio", comm=mpi_comm) if mode == "mpio"
+                             else h5py.File(path, "a"))
+        except OSError as err:
+            raise UserError(f"HDF5 store {path} is corrupt or unreadable ({str(err).splitlines()[0]})") from None
+
+    def _collective(self, what: str):
+        """The watchdog's guard around a collective HDF5 call (a no-op per rank)."""
+        if self.mode != "mpio" or self._guard is None:
+            return contextlib.nullcontext()
+        return self._guard(f"HDF5 {what}", list(range(self.size)))
+
+    # --- declaring datasets (every rank declares every dataset, in the same order) -----------
+    def declare(self, spec: ArraySpec):
+        """Create (or reopen, on resume) a dataset; collective in mpio mode."""
+        self.specs[spec.name] = spec
+        if self.mode == "per_rank" and self.rank not in spec.holders:
+            return
+        if spec.name in self.file:
+            ds = self.file[spec.name]
+            if ds.shape[1:] != spec.shape[1:] or ds.dtype != np.dtype(spec.dtype):
+                raise UserError(f"{self._file_name()} holds {spec.name} with shape {ds.shape} {ds.dtype}, "
+                                f"this run needs {spec.shape} {spec.dtype}")
+            return
+        maxshape = (None, *spec.shape[1:]) if spec.growable else None
+        with self._collective(f"create {spec.name}"):
+            self.file.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
+                                     maxshape=maxshape, fillvalue=0)
+
+    def _file_name(self) -> str:
+        return str(self.file.filename)
+
+    def write_meta(self, attrs: dict):
+        """Attributes of /meta (collective in mpio mode: every rank writes the same)."""
+        if self.mode == "per_rank" and self.rank != 0:
+            return
+        with self._collective("write /meta"):
+            meta = self.file.require_group("meta")
+            for key, value in attrs.items():
+                meta.attrs[key] = value
+
+    # --- per-sample arrays, batch by batch ----------------------------------------------------
+    def read_rows(self, name: str, idx: torch.Tensor) -> torch.Tensor:
+        order = torch.argsort(idx)
+        rows = self.file[name][np.asarray(idx[order])]  # h5py wants increasing indices
+        out = torch.empty((len(idx), *rows.shape[1:]), dtype=torch.float32)
+        out[order] = torch.from_numpy(rows.astype(np.float32, copy=False))
+        return out
+
+    def write_rows(self, name: str, idx: torch.Tensor, values: torch.Tensor):
+        """Independent write of rows: by the owner (mpio) or by every holder (per_rank)."""
+        spec = self.specs[name]
+        if self.mode == "mpio" and self.rank not in spec.writers:
+            return
+        order = torch.argsort(idx)
+        self.file[name][np.asarray(idx[order])] = values[order].detach().cpu().numpy().astype(spec.dtype)
+
+    def fill_rows(self, name: str, start: int, values: torch.Tensor):
+        """Contiguous rows from `start` (initialisation), same ownership rule as write_rows."""
+        spec = self.specs[name]
+        if self.mode == "mpio" and self.rank != spec.owner:
+            return
+        self.file[name][start:start + len(values)] = values.detach().cpu().numpy().astype(spec.dtype)
+
+    # --- collective writes: metric rows and snapshots -----------------------------------------
+    def write_collective(self, name: str, value, row: int | None = None):
+        """Write `value` (at `row` of a series, or as the whole dataset) from the owner.
+
+        Every rank calls this. In mpio mode the others take part with an empty selection
+        (h5py turns a zero-length slice inside `collective` into an empty selection that
+        still joins the collective call); a growable series is first resized, also
+        collectively. In per_rank mode only the owner writes, to its own file.
+        """
+        spec = self.specs[name]
+        if self.mode == "per_rank" and self.rank != spec.owner:
+            return
+        ds = self.file[name]
+        with self._collective(f"write {name}"):
+            if row is not None and spec.growable and ds.shape[0] <= row:
+                ds.resize(row + 1, axis=0)
+            start, stop = (0, ds.shape[0]) if row is None else (row, row + 1)
+            data = None
+            if self.rank == spec.owner:
+                data = np.asarray(value, dtype=spec.dtype).reshape(stop - start, *ds.shape[1:])
+            if self.mode == "per_rank":
+                ds[start:stop] = data
+            else:
+                _collective_rows_write(ds, start, data)
+
+    def declare_series(self, name: str, width: tuple, owner: int = 0):
+        self.declare(ArraySpec(f"metrics/{name}", (0, *width), "f8", owner, (owner,),
+                               chunks=(64, *width) if width else (64,), growable=True))
+
+    # --- durability ---------------------------------------------------------------------------
+    def flush(self, barrier=None):
+        """Make every write durable and visible; in per_rank mode rebuild the aux.h5 index."""
+        with self._collective("flush"):
+            self.file.flush()  # collective in mpio mode
+        if self.mode == "per_rank":
+            barrier("barrier before indexing per-rank HDF5 files")
+            if self.rank == 0:
+                self._write_virtual_index()
+            barrier("barrier after indexing per-rank HDF5 files")
+
+    def _write_virtual_index(self):
+        tmp = self.run_dir / "aux.h5.tmp"
+        sizes = self._current_shapes()
+        with h5py.File(tmp, "w") as index:
+            for spec in self.specs.values():
+                shape = sizes.get(spec.name, spec.shape)
+                if 0 in shape:  # an empty series: nothing to point at yet
+                    index.create_dataset(spec.name, shape=shape, dtype=spec.dtype)
+                    continue
+                layout = h5py.VirtualLayout(shape=shape, dtype=spec.dtype)
+                # A relative source name resolves against aux.h5's own folder: the run can move.
+                layout[...] = h5py.VirtualSource(f"aux.rank{spec.owner}.h5", spec.name, shape=shape)
+                index.create_virtual_dataset(spec.name, layout, fillvalue=0)
+            meta = index.require_group("meta")
+            for key, value in self.file["meta"].attrs.items() if "meta" in self.file else []:
+                meta.attrs[key] = value
+        os.replace(tmp, self.path)
+
+    def _current_shapes(self) -> dict:
+        """Shapes of the growable series, as rank 0 knows them (it owns them all)."""
+        return {name: self.file[name].shape for name, spec in self.specs.items()
+                if spec.growable and name in self.file}
+
+    def close(self, barrier=None):
+        self.flush(barrier)
+        with self._collective("close"):
+            self.file.close()
+
+
+def _collective_rows_write(ds, start: int, data: np.ndarray | None):
+    """Collective H5Dwrite of rows [start, start+len(data)), or of nothing when data is None."""
+    dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+    dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+    fspace = ds.id.get_space()
+    if data is None:
+        fspace.select_none()
+        mspace = h5py.h5s.create_simple((1,))
+        mspace.select_none()
+        data = np.zeros(1, dtype=ds.dtype)
+    else:
+        data = np.ascontiguousarray(data, dtype=ds.dtype)
+        fspace.select_hyperslab((start,) + (0,) * (ds.ndim - 1), data.shape)
+        mspace = h5py.h5s.create_simple(data.shape)
+    ds.id.write(mspace, fspace, data, dxpl=dxpl)
+
+
+def open_store_for_run(run_dir: Path, comm, requested: str) -> AuxStore:
+    """The store in the mode the config asks for (`auto`: mpio where it can work)."""
+    mpi_comm = None
+    if requested in ("auto", "mpio"):
+        mpi_comm = _mpi_world()
+    if requested == "mpio" and (mpi_comm is None or not mpio_available()):
+        raise UserError("config key 'store.mode' is mpio, but h5py has no parallel HDF5 or the job has no MPI world; "
+                        "use store.mode=per_rank")
+    mode = "mpio" if mpi_comm is not None and mpio_available() and requested != "per_rank" else "per_rank"
+    return AuxStore(run_dir, comm.rank, comm.size, mode, mpi_comm, comm.watchdog.guard)
+
+
+def _mpi_world():
+    from hpcaux.comm import launch
+
+    if not launch.launched_by_mpi():
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD

@@ -1,0 +1,71 @@
+"""Saving and restoring a layer-parallel trainer (DESIGN.md section 5).
+
+RUN/ckpt/<tag>/stage_k.pt holds stage k's weights, its local classifier and optimiser
+state (written by stage k of replica 0: the replicas are identical); auxnet.pt holds the
+AuxNet and its optimiser (rank 0). z and lambda live in aux.h5, flushed before the save.
+A resume needs the same K (the cut points are taken from the manifest); a different D
+is fine, since every replica of a stage loads the same file.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from hpcaux.errors import UserError
+from hpcaux.store.checkpoint import latest_checkpoint, load_file, save_checkpoint
+
+# Fault injection for the tests: this rank dies after writing its files, before the commit.
+KILL_IN_SAVE = "HPCAUX_FAULT_KILL_IN_SAVE"
+
+
+def read_resume_manifest(run_dir: Path, K: int) -> tuple[Path, dict]:
+    folder, manifest = latest_checkpoint(run_dir)
+    if manifest.get("method") != "layer_parallel":
+        raise UserError(f"checkpoint {folder} is not from a layer-parallel run")
+    if manifest["K"] != K:
+        raise UserError(f"checkpoint {folder} was written with parallel.K={manifest['K']}; this run has "
+                        f"parallel.K={K} (a resume needs the same K; D may change)")
+    return folder, manifest
+
+
+def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None):
+    lay, files = trainer.layout, {}
+    if lay.replica == 0:
+        files[f"stage_{lay.stage}.pt"] = {
+            "stage": trainer.stage.state_dict(),
+            "local_head": trainer.local_head.state_dict() if trainer.local_head else None,
+            "stage_opt": trainer.stage_opt.state_dict(),
+            "finetune_opt": finetune_opt.state_dict() if finetune_opt else None}
+        if lay.stage == 0 and trainer.auxnet is not None:
+            files["auxnet.pt"] = {"auxnet": trainer.auxnet.state_dict(), "aux_opt": trainer.aux_opt.state_dict()}
+    manifest = {"method": "layer_parallel", "model": trainer.cfg.model.arch, "dataset": trainer.cfg.data.dataset,
+                "K": lay.K, "D": lay.D, "cuts": trainer.cuts, "boundary_shapes": [list(s) for s in trainer.shapes],
+                "epoch": epoch, "phase": phase, "config": trainer.cfg.to_dict(),
+                "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else [])}
+
+    def before_commit():
+        if os.environ.get(KILL_IN_SAVE) == str(trainer.comm.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    save_checkpoint(trainer.run_dir, tag, files, manifest, trainer.comm.rank, trainer.comm.barrier, before_commit)
+
+
+def restore_trainer(trainer, folder: Path, finetune_opt=None):
+    """Load this rank's stage (and the AuxNet) from a checkpoint folder."""
+    lay, device = trainer.layout, trainer.device
+    state = load_file(folder / f"stage_{lay.stage}.pt", device)
+    try:
+        trainer.stage.load_state_dict(state["stage"])
+        if trainer.local_head is not None:
+            trainer.local_head.load_state_dict(state["local_head"])
+        trainer.stage_opt.load_state_dict(state["stage_opt"])
+        if finetune_opt is not None and state.get("finetune_opt"):
+            finetune_opt.load_state_dict(state["finetune_opt"])
+        if trainer.auxnet is not None:
+            aux = load_file(folder / "auxnet.pt", device)
+            trainer.auxnet.load_state_dict(aux["auxnet"])
+            trainer.aux_opt.load_state_dict(aux["aux_opt"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise UserError(f"checkpoint {folder} does not fit this run's model ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:120]})") from None

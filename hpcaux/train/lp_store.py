@@ -1,0 +1,100 @@
+"""What a layer-parallel run keeps in RUN/aux.h5, and who owns each piece.
+
+z_k (stored auxiliary variables) and lambda_k (AL multipliers) belong to boundary k,
+whose owner is stage k's rank in replica 0; snapshots of AuxNet head k are written by
+that rank too. Metric series are written by rank 0, which holds the gathered values.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from hpcaux import __version__
+from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
+
+SERIES_PER_BOUNDARY = ("rel_gap", "train_rel_gap", "multiplier_rms", "z_mean", "z_std")
+SERIES_PER_RANK = ("step_ms", "aux_ms", "comm_ms")
+SERIES_PER_STAGE = ("stage_loss",)
+SERIES_SCALAR = ("rho", "composed_acc", "auxnet_path_acc", "epoch_s")
+
+
+def z_name(b: int) -> str:
+    return f"boundary_{b}/z"
+
+
+def lambda_name(b: int) -> str:
+    return f"boundary_{b}/lambda"
+
+
+def snapshot_name(b: int, epoch: int) -> str:
+    return f"boundary_{b}/snapshots/e{epoch}"
+
+
+class RunStore:
+    """The trainer's view of the store: declares its datasets, records epochs."""
+
+    def __init__(self, store: AuxStore, cfg, layout, shapes, n_train: int):
+        self.store, self.cfg, self.layout, self.shapes = store, cfg, layout, shapes
+        K, dtype = layout.K, "f2" if cfg.store.float16 else "f4"
+        for b in range(K - 1):
+            owner = layout.rank_of(b, 0)
+            chunk = (1, *shapes[b])  # chunked by sample: a batch touches only its rows
+            if cfg.lp.aux_source == "stored":
+                store.declare(ArraySpec(z_name(b), (n_train, *shapes[b]), dtype, owner,
+                                        holders=(owner, layout.rank_of(b + 1, 0)), writers=(owner,), chunks=chunk))
+            if cfg.lp.multipliers == "per_sample":
+                replicas = tuple(layout.stage_ranks(b))
+                store.declare(ArraySpec(lambda_name(b), (n_train, *shapes[b]), dtype, owner,
+                                        holders=replicas, writers=replicas, chunks=chunk))
+        widths = {**{n: (K - 1,) for n in SERIES_PER_BOUNDARY}, **{n: (layout.K * layout.D,) for n in SERIES_PER_RANK},
+                  **{n: (K,) for n in SERIES_PER_STAGE}, **{n: () for n in SERIES_SCALAR}}
+        for name, width in widths.items():
+            store.declare_series(name, width)
+        store.write_meta({"config": cfg.to_yaml(), "version": __version__, "K": K, "D": layout.D,
+                          "dataset": cfg.data.dataset, "model": cfg.model.arch, "git_sha": git_sha(),
+                          "mode": store.mode, "boundary_shapes": np.array([list(s) for s in shapes])})
+
+    def record_epoch(self, epoch_index: int, record: dict):
+        """One row of every series (a collective write on every rank)."""
+        for name in self._series_names():
+            value = record.get(name)
+            if value is None:
+                value = np.full(self.store.specs[f"metrics/{name}"].shape[1:] or (), np.nan)
+            self.store.write_collective(f"metrics/{name}", value, row=epoch_index)
+
+    def _series_names(self):
+        return SERIES_PER_BOUNDARY + SERIES_PER_RANK + SERIES_PER_STAGE + SERIES_SCALAR
+
+    def record_snapshots(self, epoch: int, outputs: dict):
+        """AuxNet outputs on the probe set: head k from its owner, written collectively."""
+        probe = self.cfg.store.probe_size
+        for b in range(self.layout.K - 1):
+            name = snapshot_name(b, epoch)
+            self.store.declare(ArraySpec(name, (probe, *self.shapes[b]), "f2" if self.cfg.store.float16 else "f4",
+                                         self.layout.rank_of(b, 0), holders=(self.layout.rank_of(b, 0),)))
+            self.store.write_collective(name, outputs.get(b))
+
+
+class SampleStats:
+    """Running sum and sum of squares of the per-sample values a rank writes in an epoch."""
+
+    def __init__(self):
+        self.total = self.squares = self.count = 0.0
+
+    def add(self, values: torch.Tensor):
+        self.total += values.sum().item()
+        self.squares += values.pow(2).sum().item()
+        self.count += values.numel()
+
+    def rms(self) -> float:
+        return math.sqrt(self.squares / self.count) if self.count else float("nan")
+
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    def std(self) -> float:
+        if not self.count:
+            return float("nan")
+        return math.sqrt(max(self.squares / self.count - self.mean() ** 2, 0.0))
