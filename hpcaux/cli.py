@@ -1,4 +1,4 @@
-"""The `hpcaux` command: train, eval, data.
+"""The `hpcaux` command: train, eval, analyze, data.
 
 A UserError anywhere becomes one line `hpcaux: error: ...` on stderr (from rank 0 only
 when launched with several ranks) and exit status 2.
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from hpcaux.comm import launch
@@ -33,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run directory")
     ev.add_argument("--subset", type=int, default=0, help="stratified test subset (0 = full test set)")
     ev.add_argument("--data-root", help="data root, if it moved since training")
+
+    an = sub.add_parser("analyze", help="summarise a run's aux.h5 offline: table and PNG plots",
+                        description="Read RUN/aux.h5 (no MPI needed): print a per-epoch table (gap, multiplier "
+                                    "norm, z statistics, snapshot drift per boundary) and write PNG plots.")
+    an.add_argument("store", help="path to RUN/aux.h5")
+    an.add_argument("--out", help="folder for the plots (default: RUN/analysis)")
 
     data = sub.add_parser("data", help="prepare a data set in the standard layout",
                           description="Lay out CIFAR in the standard python-pickle format from the original release "
@@ -125,6 +133,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from hpcaux.analysis.report import analyze
+
+    table, plots = analyze(Path(args.store), Path(args.out) if args.out else None)
+    print(table)
+    for plot in plots:
+        print(f"wrote {plot}")
+    return 0
+
+
 def _data(args) -> int:
     from hpcaux.data.prepare import prepare
 
@@ -133,14 +151,29 @@ def _data(args) -> int:
     return 0
 
 
+def _abort_job(code: int):
+    if launch.launched_by_mpi():
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "data": _data}[args.command](args)
+        return {"train": _train, "eval": _eval, "analyze": _analyze, "data": _data}[args.command](args)
     except UserError as err:
         if launch.world_rank() == 0:
             print(f"hpcaux: error: {err}", file=sys.stderr, flush=True)
         return err.exit_status
+    except Exception:
+        if launch.world_size() == 1:
+            raise
+        # A bug on one rank: the others would wait in a collective, and mpi4py's
+        # MPI_Finalize at exit would keep this process alive. Abort the whole job now.
+        traceback.print_exc()
+        print(f"hpcaux: rank {launch.world_rank()} failed; aborting the job", file=sys.stderr, flush=True)
+        _abort_job(1)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 # The main job: install what is missing, prepare the real CIFAR-10, then train ResNet-20
 # layer-parallel on 2 MPI ranks (K=2, Horovod) and serially on the same subset, and print
 # the composed network's test accuracy and the throughput of both.
-# Size knobs: DEMO_SUBSET (training images, default 5000), DEMO_EPOCHS (default 4).
+# Size knobs: DEMO_SUBSET (training images, default 4000), DEMO_EPOCHS (default 3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/install.sh
 source scripts/env.sh
 prepare_cifar10
-subset=${DEMO_SUBSET:-5000}
-epochs=${DEMO_EPOCHS:-4}
+subset=${DEMO_SUBSET:-4000}
+epochs=${DEMO_EPOCHS:-3}
 common=(data.train_subset="$subset" train.epochs="$epochs" data.eval_subset=1000)
 echo "== layer-parallel: mpirun -np 2, ResNet-20 K=2, $subset real CIFAR-10 images, $epochs epochs"
 mpirun -np 2 --bind-to none -x PATH -x OMPI_MCA_rmaps_base_oversubscribe \

@@ -63,7 +63,7 @@ def _lp_run(tmp_path, cifar_root, np, *overrides, timeout=400):
 
 def test_stored_mode_runs_end_to_end(tmp_path, cifar_root):
     _, summary, metrics, _ = _lp_run(tmp_path, cifar_root, 2, "lp.aux_source=stored", "data.augment=false",
-                                     "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
+                                     "parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
                                      "data.eval_subset=200", "data.test_subset=500")
     assert summary["aux_source"] == "stored" and summary["auxnet_path_acc"] is None
     assert len(metrics) == 2 and all(0 <= m["composed_acc"] <= 1 for m in metrics)
@@ -99,3 +99,18 @@ def test_world_size_not_k_times_d_is_a_clear_error(tmp_path, cifar_root):
                       f"comm.backend={installed_backends()[0]}"], timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("hpcaux: error: world size 3 is not parallel.K x parallel.D = 2 x 1 = 2") == 1
+
+
+@pytest.mark.skipif("horovod" not in installed_backends(), reason="Horovod is not installed")
+def test_training_under_horovodrun_gloo(tmp_path, cifar_root):
+    """No MPI world: Horovod collectives over gloo, send/recv over a gloo group, per-rank HDF5 files."""
+    from conftest import run
+
+    out = tmp_path / "run"
+    proc = check(run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", HPCAUX, "train", "--config",
+                      str(ROOT / "configs" / "cifar10_resnet20_k2.yaml"), "--out", str(out), f"data.root={cifar_root}",
+                      "comm.backend=horovod", "data.train_subset=128", "train.batch_size=32", "train.epochs=1",
+                      "data.eval_subset=100", "data.test_subset=200", "train.progress=false"], timeout=300))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "horovod" and summary["store_mode"] == "per_rank"
+    assert (out / "aux.rank1.h5").exists() and '"test_acc"' in proc.stdout

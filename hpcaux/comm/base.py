@@ -14,6 +14,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from hpcaux.comm.watchdog import Watchdog
+from hpcaux.errors import UserError
 
 
 @dataclass
@@ -64,34 +65,38 @@ class Comm(abc.ABC):
         with self.watchdog.guard(f"new_group({ranks})", self.world.ranks):
             return Group(ranks, self._new_group(ranks))
 
-    def allreduce(self, tensors, op: str = "sum", group: Group | None = None, what: str = "allreduce"):
-        """In-place sum or mean of a list of tensors over `group`, as one collective."""
-        group = group or self.world
-        tensors = list(tensors)
-        if len(group.ranks) == 1 or not tensors:
-            return tensors
-        flat = _flatten_dense_tensors([t.detach() for t in tensors])
-        with self.watchdog.guard(f"{what} of {flat.numel()} values", group.ranks):
-            self._allreduce_sum(flat, group)
-        if op == "mean":
-            flat /= len(group.ranks)
-        elif op != "sum":
-            raise ValueError(f"unknown reduction {op!r}")
-        for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
-            t.detach().copy_(reduced)
-        return tensors
+    def _packed(self, tensors, group: Group, label: str, operation):
+        """Pack `tensors` into one buffer, run `operation(flat)` under the watchdog, unpack.
 
-    def broadcast(self, tensors, root: int = 0, group: Group | None = None, what: str = "broadcast"):
-        group = group or self.world
+        One collective per call however many tensors; a one-rank group needs none.
+        """
         tensors = list(tensors)
         if len(group.ranks) == 1 or not tensors:
             return tensors
         flat = _flatten_dense_tensors([t.detach() for t in tensors])
-        with self.watchdog.guard(f"{what} from rank {root}", group.ranks):
-            self._broadcast(flat, root, group)
+        with self.watchdog.guard(label.format(n=flat.numel()), group.ranks):
+            operation(flat)
         for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
             t.detach().copy_(value)
         return tensors
+
+    def allreduce(self, tensors, op: str = "sum", group: Group | None = None, what: str = "allreduce"):
+        """In-place sum or mean of a list of tensors over `group`, as one collective."""
+        if op not in ("sum", "mean"):
+            raise ValueError(f"unknown reduction {op!r}")
+        group = group or self.world
+
+        def reduce(flat):
+            self._allreduce_sum(flat, group)
+            if op == "mean":
+                flat /= len(group.ranks)
+
+        return self._packed(tensors, group, what + " of {n} values", reduce)
+
+    def broadcast(self, tensors, root: int = 0, group: Group | None = None, what: str = "broadcast"):
+        group = group or self.world
+        return self._packed(tensors, group, f"{what} from rank {root}",
+                            lambda flat: self._broadcast(flat, root, group))
 
     def broadcast_object(self, obj, root: int = 0):
         """A picklable object from `root` to every rank (small things: cut points, config)."""
@@ -105,6 +110,24 @@ class Comm(abc.ABC):
             buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
         self.broadcast([buf], root, what="broadcast_object")
         return pickle.loads(buf.numpy().tobytes())
+
+    def agree(self, check, what: str):
+        """Run a check that may fail on some ranks only; fail on all ranks alike.
+
+        Without this, a rank that finds (say) its checkpoint file corrupt exits while the
+        others wait in the next collective. Every rank learns whether any failed and
+        raises the lowest failing rank's message, so rank 0 prints it and all exit 2.
+        """
+        try:
+            result, problem = check(), None
+        except UserError as err:
+            result, problem = None, str(err)
+        failed = torch.zeros(self.size)
+        failed[self.rank] = float(problem is not None)
+        self.allreduce([failed], what=f"agree on {what}")
+        if failed.any():
+            raise UserError(self.broadcast_object(problem, root=int(failed.nonzero()[0])))
+        return result
 
     def send(self, tensor: torch.Tensor, dst: int, what: str = "send"):
         with self.watchdog.guard(f"{what} to rank {dst}", [self.rank, dst]):

@@ -73,6 +73,7 @@ class ArraySpec:
     writers: tuple = ()
     chunks: tuple | None = None
     growable: bool = False  # metric series grow along the epoch axis
+    wide: bool = False      # ... and along axis 1 (per-rank series: a resume may change the world size)
 
 
 class AuxStore:
@@ -82,6 +83,7 @@ class AuxStore:
         self._guard = guard
         self.path = self.run_dir / "aux.h5"
         self.specs: dict[str, ArraySpec] = {}
+        self.series_rows: dict[str, int] = {}  # rows of each growable series (all ranks know)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.path if mode == "mpio" else self.run_dir / f"aux.rank{rank}.h5"
         try:
@@ -105,14 +107,22 @@ class AuxStore:
             return
         if spec.name in self.file:
             ds = self.file[spec.name]
+            if spec.wide and ds.shape[2:] == spec.shape[2:] and ds.dtype == np.dtype(spec.dtype):
+                if spec.shape[1] > ds.shape[1]:
+                    with self._collective(f"widen {spec.name}"):
+                        ds.resize(spec.shape[1], axis=1)
+                return
             if ds.shape[1:] != spec.shape[1:] or ds.dtype != np.dtype(spec.dtype):
                 raise UserError(f"{self._file_name()} holds {spec.name} with shape {ds.shape} {ds.dtype}, "
                                 f"this run needs {spec.shape} {spec.dtype}")
             return
-        maxshape = (None, *spec.shape[1:]) if spec.growable else None
+        maxshape = None
+        if spec.growable:
+            maxshape = (None, None, *spec.shape[2:]) if spec.wide else (None, *spec.shape[1:])
+        fill = np.nan if spec.growable else 0  # a series shows NaN where nothing was recorded
         with self._collective(f"create {spec.name}"):
             self.file.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
-                                     maxshape=maxshape, fillvalue=0)
+                                     maxshape=maxshape, fillvalue=fill)
 
     def _file_name(self) -> str:
         return str(self.file.filename)
@@ -159,6 +169,8 @@ class AuxStore:
         collectively. In per_rank mode only the owner writes, to its own file.
         """
         spec = self.specs[name]
+        if row is not None:
+            self.series_rows[name] = max(self.series_rows.get(name, 0), row + 1)
         if self.mode == "per_rank" and self.rank != spec.owner:
             return
         ds = self.file[name]
@@ -168,15 +180,21 @@ class AuxStore:
             start, stop = (0, ds.shape[0]) if row is None else (row, row + 1)
             data = None
             if self.rank == spec.owner:
-                data = np.asarray(value, dtype=spec.dtype).reshape(stop - start, *ds.shape[1:])
+                data = np.asarray(value, dtype=spec.dtype)
+                if row is not None:
+                    data = data[None]
+                if spec.wide and data.shape[1] < ds.shape[1]:  # fewer ranks than an earlier session
+                    pad = np.full((data.shape[0], ds.shape[1] - data.shape[1], *data.shape[2:]), np.nan)
+                    data = np.concatenate([data, pad], axis=1)
+                data = data.reshape(stop - start, *ds.shape[1:])
             if self.mode == "per_rank":
                 ds[start:stop] = data
             else:
                 _collective_rows_write(ds, start, data)
 
-    def declare_series(self, name: str, width: tuple, owner: int = 0):
+    def declare_series(self, name: str, width: tuple, owner: int = 0, wide: bool = False):
         self.declare(ArraySpec(f"metrics/{name}", (0, *width), "f8", owner, (owner,),
-                               chunks=(64, *width) if width else (64,), growable=True))
+                               chunks=(64, *width) if width else (64,), growable=True, wide=wide))
 
     # --- durability ---------------------------------------------------------------------------
     def flush(self, barrier=None):
@@ -208,9 +226,13 @@ class AuxStore:
         os.replace(tmp, self.path)
 
     def _current_shapes(self) -> dict:
-        """Shapes of the growable series, as rank 0 knows them (it owns them all)."""
-        return {name: self.file[name].shape for name, spec in self.specs.items()
-                if spec.growable and name in self.file}
+        """Shapes of the growable series: rows written this session, or found in rank 0's file."""
+        shapes = {}
+        for name, spec in self.specs.items():
+            if spec.growable:
+                found = self.file[name].shape if name in self.file else spec.shape
+                shapes[name] = (max(found[0], self.series_rows.get(name, 0)), *found[1:])
+        return shapes
 
     def close(self, barrier=None):
         self.flush(barrier)

@@ -33,7 +33,8 @@ from hpcaux.store.aux_store import open_store_for_run
 from hpcaux.train.composed import StageChain
 from hpcaux.train.layout import Layout
 from hpcaux.train.losses import al_update, relative_gap, stage_term
-from hpcaux.train.lp_checkpoint import read_resume_manifest, restore_trainer, save_trainer
+from hpcaux.train.lp_checkpoint import (read_resume_manifest, restore_finetune_optimizer, restore_trainer,
+                                        save_trainer)
 from hpcaux.train.lp_store import RunStore, SampleStats, lambda_name, z_name
 from hpcaux.train.progress import Progress
 from hpcaux.train.rundir import MetricsLog, write_json
@@ -75,8 +76,9 @@ class LayerParallelTrainer:
                             "(the replicas of a stage share one multiplier array)")
         s = self.layout.stage
         comm.watchdog.context.update(stage=s, replica=self.layout.replica)
-        self.resume_from, manifest = read_resume_manifest(run_dir, K) if resume else (None, None)
-        self.data = load_data(cfg.data, cfg.seed)
+        self.resume_from, manifest = comm.agree(lambda: read_resume_manifest(run_dir, K), "the checkpoint") \
+            if resume else (None, None)
+        self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         self.cuts = manifest["cuts"] if manifest else self._agree_on_cuts(model)
@@ -97,8 +99,11 @@ class LayerParallelTrainer:
         self.in_boundary = s - 1 if s > 0 else None
         self.out_boundary = s if s < K - 1 else None
         self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
-        self.store = open_store_for_run(run_dir, comm, cfg.store.mode)
-        self.run_store = RunStore(self.store, cfg, self.layout, self.shapes, self.data.n_train)
+        if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
+            comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
+        self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode), "the HDF5 store")
+        self.run_store = comm.agree(lambda: RunStore(self.store, cfg, self.layout, self.shapes, self.data.n_train),
+                                    "the HDF5 store layout")
         if cfg.lp.aux_source == "stored" and not resume:
             self._init_stored_z(stages)
         self.chain = StageChain(comm, self.layout, self.stage, self.shapes, device)
@@ -314,7 +319,7 @@ class LayerParallelTrainer:
             log.append(record)
             progress.note(self._epoch_line(record))
         self.run_store.record_epoch(epoch - 1, record)
-        if record["phase"] == "layer_parallel" and self.cfg.store.probe_size:
+        if record["phase"] == "layer_parallel" and self.auxnet is not None and self.cfg.store.probe_size:
             self.run_store.record_snapshots(epoch, self._probe_outputs())
         self.store.flush(self.comm.barrier)
 
@@ -334,8 +339,7 @@ class LayerParallelTrainer:
             last_epoch = min(last_epoch, self.start_epoch + max_epochs)
         progress = Progress(self.steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
         if self.resume_from is not None:
-            progress.note(f"resuming from {self.resume_from} after epoch {self.start_epoch}")
-            restore_trainer(self, self.resume_from)
+            progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}")
         augment = cfg.data.augment and cfg.lp.aux_source == "auxnet"
         # Every epoch has self.steps steps, so the step count (which the lr schedule
         # follows) is derived from the epoch, also when a resume changes D.
@@ -423,7 +427,8 @@ class LayerParallelTrainer:
         cfg, lay = self.cfg, self.layout
         optimizer = make_optimizer(list(self.stage.parameters()), cfg.optim, lr=cfg.lp.finetune_lr)
         if self.resume_from is not None and self.start_epoch > cfg.train.epochs:
-            restore_trainer(self, self.resume_from, finetune_opt=optimizer)
+            self.comm.agree(lambda: restore_finetune_optimizer(self, self.resume_from, optimizer),
+                            "restoring the checkpoint")
         total = self.steps * cfg.lp.finetune_epochs
         first = max(self.start_epoch, cfg.train.epochs)
         step, elapsed = (first - cfg.train.epochs) * self.steps, 0.0

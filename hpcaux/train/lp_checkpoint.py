@@ -15,7 +15,8 @@ from pathlib import Path
 from hpcaux.errors import UserError
 from hpcaux.store.checkpoint import latest_checkpoint, load_file, save_checkpoint
 
-# Fault injection for the tests: this rank dies after writing its files, before the commit.
+# Fault injection for the tests: HPCAUX_FAULT_KILL_IN_SAVE=RANK:TAG makes that rank die
+# (SIGKILL) after writing its files of checkpoint TAG, before the checkpoint is committed.
 KILL_IN_SAVE = "HPCAUX_FAULT_KILL_IN_SAVE"
 
 
@@ -45,14 +46,17 @@ def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None):
                 "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else [])}
 
     def before_commit():
-        if os.environ.get(KILL_IN_SAVE) == str(trainer.comm.rank):
+        if os.environ.get(KILL_IN_SAVE) == f"{trainer.comm.rank}:{tag}":
             os.kill(os.getpid(), signal.SIGKILL)
 
     save_checkpoint(trainer.run_dir, tag, files, manifest, trainer.comm.rank, trainer.comm.barrier, before_commit)
 
 
-def restore_trainer(trainer, folder: Path, finetune_opt=None):
-    """Load this rank's stage (and the AuxNet) from a checkpoint folder."""
+def restore_trainer(trainer, folder: Path):
+    """Load this rank's stage (and the AuxNet) from a checkpoint folder.
+
+    Runs before the HDF5 store is opened, so a bad checkpoint leaves every file as it was.
+    """
     lay, device = trainer.layout, trainer.device
     state = load_file(folder / f"stage_{lay.stage}.pt", device)
     try:
@@ -60,12 +64,24 @@ def restore_trainer(trainer, folder: Path, finetune_opt=None):
         if trainer.local_head is not None:
             trainer.local_head.load_state_dict(state["local_head"])
         trainer.stage_opt.load_state_dict(state["stage_opt"])
-        if finetune_opt is not None and state.get("finetune_opt"):
-            finetune_opt.load_state_dict(state["finetune_opt"])
         if trainer.auxnet is not None:
             aux = load_file(folder / "auxnet.pt", device)
             trainer.auxnet.load_state_dict(aux["auxnet"])
             trainer.aux_opt.load_state_dict(aux["aux_opt"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise UserError(f"checkpoint {folder} does not fit this run's model ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:120]})") from None
+        raise _misfit(folder, err) from None
+
+
+def restore_finetune_optimizer(trainer, folder: Path, optimizer):
+    """The hybrid fine-tune's optimiser state, when the checkpoint was taken during it."""
+    state = load_file(folder / f"stage_{trainer.layout.stage}.pt", trainer.device)
+    if state.get("finetune_opt"):
+        try:
+            optimizer.load_state_dict(state["finetune_opt"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise _misfit(folder, err) from None
+
+
+def _misfit(folder: Path, err: Exception) -> UserError:
+    return UserError(f"checkpoint {folder} does not fit this run's model ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:120]})")

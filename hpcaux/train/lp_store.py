@@ -51,7 +51,7 @@ class RunStore:
         widths = {**{n: (K - 1,) for n in SERIES_PER_BOUNDARY}, **{n: (layout.K * layout.D,) for n in SERIES_PER_RANK},
                   **{n: (K,) for n in SERIES_PER_STAGE}, **{n: () for n in SERIES_SCALAR}}
         for name, width in widths.items():
-            store.declare_series(name, width)
+            store.declare_series(name, width, wide=name in SERIES_PER_RANK)
         store.write_meta({"config": cfg.to_yaml(), "version": __version__, "K": K, "D": layout.D,
                           "dataset": cfg.data.dataset, "model": cfg.model.arch, "git_sha": git_sha(),
                           "mode": store.mode, "boundary_shapes": np.array([list(s) for s in shapes])})

@@ -1,0 +1,147 @@
+"""`hpcaux analyze RUN/aux.h5`: a per-epoch table and PNG plots, read with plain h5py.
+
+Works on both store modes (aux.h5 is either the shared file or the virtual index over
+the per-rank files) and needs no MPI.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpcaux.errors import UserError
+
+HISTOGRAM_ROWS = 256  # samples read per boundary for the z / lambda histograms
+
+
+class StoreView:
+    """What a finished (or running) layer-parallel run left in its aux.h5."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise UserError(f"HDF5 store {path} does not exist")
+        try:
+            self.file = h5py.File(path, "r")
+            self.metrics = {name: ds[()] for name, ds in self.file["metrics"].items()}
+            self.meta = dict(self.file["meta"].attrs)
+        except (OSError, KeyError) as err:
+            raise UserError(f"HDF5 store {path} is corrupt or not an hpcaux store ({str(err).splitlines()[0]})") from None
+        self.path = path
+        self.K = int(self.meta["K"])
+        self.epochs = len(self.metrics["composed_acc"])
+
+    def boundary(self, b: int, name: str):
+        key = f"boundary_{b}/{name}"
+        return self.file[key] if key in self.file else None
+
+    def snapshots(self, b: int) -> list[tuple[int, np.ndarray]]:
+        group = self.boundary(b, "snapshots")
+        if group is None:
+            return []
+        epochs = sorted(int(re.sub(r"\D", "", name)) for name in group)
+        return [(e, group[f"e{e}"][()].astype(np.float32)) for e in epochs]
+
+    def snapshot_drift(self, b: int) -> list[tuple[int, float]]:
+        """Relative change of the AuxNet's probe outputs between consecutive epochs."""
+        snaps = self.snapshots(b)
+        return [(e1, float(np.linalg.norm(s1 - s0) / max(np.linalg.norm(s1), 1e-12)))
+                for (e0, s0), (e1, s1) in zip(snaps, snaps[1:])]
+
+    def sample_rows(self, b: int, name: str) -> np.ndarray | None:
+        ds = self.boundary(b, name)
+        return None if ds is None else ds[:min(HISTOGRAM_ROWS, ds.shape[0])].astype(np.float32).ravel()
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4g}"
+
+
+def summary_table(view: StoreView) -> str:
+    m = view.metrics
+    header = ["epoch", "rho", "composed", "auxnet-path"]
+    for b in range(view.K - 1):
+        header += [f"gap[{b}]", f"train_gap[{b}]", f"lambda_rms[{b}]", f"z_mean[{b}]", f"z_std[{b}]", f"drift[{b}]"]
+    drift = {b: dict(view.snapshot_drift(b)) for b in range(view.K - 1)}
+    rows = [header]
+    for e in range(view.epochs):
+        row = [str(e + 1), _fmt(m["rho"][e]), _fmt(m["composed_acc"][e]), _fmt(m["auxnet_path_acc"][e])]
+        for b in range(view.K - 1):
+            row += [_fmt(m["rel_gap"][e, b]), _fmt(m["train_rel_gap"][e, b]), _fmt(m["multiplier_rms"][e, b]),
+                    _fmt(m["z_mean"][e, b]), _fmt(m["z_std"][e, b]), _fmt(drift[b].get(e + 1))]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    step = m["step_ms"][-1]
+    lines.append(f"step time per rank in the last epoch (ms): {' '.join(_fmt(v) for v in step)}")
+    return "\n".join(lines)
+
+
+def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m, epochs = view.metrics, np.arange(1, view.epochs + 1)
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for b in range(view.K - 1):
+        ax.plot(epochs, m["rel_gap"][:, b], "o-", label=f"held-out gap, boundary {b}")
+        ax.plot(epochs, m["train_rel_gap"][:, b], "x--", label=f"training gap, boundary {b}")
+    ax.set(xlabel="epoch", ylabel="relative gap ||F_k - A_k||² / ||A_k||²", yscale="log")
+    twin = ax.twinx()
+    twin.plot(epochs, m["rho"], "k:", label="rho")
+    twin.set_ylabel("rho")
+    ax.legend(fontsize=7, loc="upper right")
+    save(fig, "gap_rho.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in range(m["step_ms"].shape[1]):
+        ax.plot(epochs, m["step_ms"][:, r], "o-", label=f"rank {r} step")
+        ax.plot(epochs, m["aux_ms"][:, r], ":", label=f"rank {r} AuxNet")
+        ax.plot(epochs, m["comm_ms"][:, r], "--", label=f"rank {r} comm+wait")
+    ax.set(xlabel="epoch", ylabel="ms per step")
+    ax.legend(fontsize=7)
+    save(fig, "step_time.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(epochs, m["composed_acc"], "o-", label="composed network")
+    ax.plot(epochs, m["auxnet_path_acc"], "s--", label="AuxNet path F_K(A_{K-1}(x))")
+    ax.set(xlabel="epoch", ylabel="held-out accuracy")
+    ax.legend()
+    save(fig, "accuracy.png")
+
+    arrays = [(b, name) for b in range(view.K - 1) for name in ("z", "lambda") if view.boundary(b, name) is not None]
+    if arrays:
+        fig, axes = plt.subplots(1, len(arrays), figsize=(4 * len(arrays), 3.5), squeeze=False)
+        for ax, (b, name) in zip(axes[0], arrays):
+            ax.hist(view.sample_rows(b, name), bins=80)
+            ax.set(title=f"{name}, boundary {b}", yscale="log")
+        save(fig, "histograms.png")
+
+    drifts = {b: view.snapshot_drift(b) for b in range(view.K - 1)}
+    if any(drifts.values()):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for b, series in drifts.items():
+            if series:
+                ax.plot(*zip(*series), "o-", label=f"boundary {b}")
+        ax.set(xlabel="epoch", ylabel="||A_k(probe)_e - A_k(probe)_{e-1}|| / ||A_k(probe)_e||", yscale="log")
+        ax.legend()
+        save(fig, "snapshot_drift.png")
+    return written
+
+
+def analyze(path: Path, out_dir: Path | None = None) -> tuple[str, list[Path]]:
+    view = StoreView(Path(path))
+    table = summary_table(view)
+    plots = make_plots(view, out_dir or Path(path).parent / "analysis")
+    return table, plots
