@@ -10,12 +10,16 @@ with Horovod's own broadcast.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 import torch
 
 from hpcaux.comm import launch
 from hpcaux.comm.base import Comm, Group
+
+
+CPU_POLLING_DEFAULTS = {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 class _MpiPointToPoint:
@@ -61,7 +65,6 @@ class _GlooPointToPoint:
             tensor.copy_(host)
 
     def abort(self, code):
-        import os
         os._exit(code)  # horovodrun tears the other workers down when one exits non-zero
 
 
@@ -70,6 +73,12 @@ class HorovodComm(Comm):
 
     def __init__(self, timeout_s: float):
         over_mpi = launch.launched_by_mpi()
+        if not torch.cuda.is_available():
+            # On CPUs the ranks' compute shares the cores with Horovod's background thread,
+            # which polls MPI every cycle (1 ms by default). Measured on 2 cores, ResNet-20
+            # K=2: 957 ms per step as shipped, 575 ms with these two, 515 ms with mpi4py.
+            for key, value in CPU_POLLING_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         if over_mpi:
             from mpi4py import MPI  # noqa: F401  (initialise MPI first, with THREAD_MULTIPLE)
         import horovod.torch as hvd
