@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from hpcaux.config import load_config
-    from hpcaux.train.rundir import check_run_dir, clear_run
+    from hpcaux.train.rundir import start_run
     from hpcaux.train.runtime import select_device, set_threads
 
     if args.resume:
@@ -77,11 +77,7 @@ def _train(args) -> int:
             raise UserError(f"method serial runs in one process, but {launch.world_size()} ranks were launched")
         if args.resume or args.max_epochs:
             raise UserError("--resume and --max-epochs are for layer-parallel runs")
-        check_run_dir(run_dir, args.overwrite)
-        if args.overwrite:
-            clear_run(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        start_run(run_dir, cfg.to_yaml(), args.overwrite)
         from hpcaux.train.runtime import seed_everything
         from hpcaux.train.serial import train_serial
         seed_everything(cfg.seed)
@@ -101,19 +97,14 @@ def _train(args) -> int:
 def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    from hpcaux.train.rundir import check_run_dir, clear_run
+    from hpcaux.train.rundir import start_run
 
     comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
     problem = None
     if comm.rank == 0:
         try:
-            check_run_dir(run_dir, args.overwrite, resume=bool(args.resume))
-            if not args.resume:
-                if args.overwrite:
-                    clear_run(run_dir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            start_run(run_dir, cfg.to_yaml(), args.overwrite, resume=bool(args.resume))
         except UserError as err:
             problem = str(err)
     problem = comm.broadcast_object(problem, root=0)

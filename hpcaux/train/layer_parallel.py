@@ -313,19 +313,23 @@ class LayerParallelTrainer:
         self.auxnet.train()
         return {b: v.cpu().numpy() for b, v in out.items()}
 
-    def _end_of_epoch(self, epoch: int, record: dict, log, progress):
-        """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks)."""
+    def _end_of_epoch(self, epoch: int, record: dict, log, progress, last_epoch: int, finetune_opt=None):
+        """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks).
+
+        Either way the store ends flushed (save() flushes it), so its writes are visible
+        to the other ranks in the next epoch.
+        """
         if self.comm.rank == 0:
             log.append(record)
             progress.note(self._epoch_line(record))
         self.run_store.record_epoch(epoch - 1, record)
         if record["phase"] == "layer_parallel" and self.auxnet is not None and self.cfg.store.probe_size:
             self.run_store.record_snapshots(epoch, self._probe_outputs())
-        self.store.flush(self.comm.barrier)
-
-    def _checkpoint_due(self, epoch: int, stopping: bool) -> bool:
         every = self.cfg.ckpt.every
-        return stopping or (every > 0 and epoch % every == 0)
+        if epoch == last_epoch or (every > 0 and epoch % every == 0):
+            self.save(f"epoch_{epoch}", epoch, record["phase"], finetune_opt)
+        else:
+            self.store.flush(self.comm.barrier)
 
     def run(self, max_epochs: int | None = None) -> dict:
         """Train from the start (or the resumed epoch) to the end, or for `max_epochs` epochs
@@ -383,9 +387,7 @@ class LayerParallelTrainer:
                       "z_std": owners[:, 8].tolist() if cfg.lp.aux_source == "stored" else None,
                       "allreduce_values": self.allreduce_values,
                       "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
-            self._end_of_epoch(epoch + 1, record, log, progress)
-            if self._checkpoint_due(epoch + 1, stopping=epoch + 1 == last_epoch):
-                self.save(f"epoch_{epoch + 1}", epoch + 1, "layer_parallel")
+            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
         ft_time = self._finetune(progress, log, last_epoch) if last_epoch > epochs else 0.0
         progress.close()
         if last_epoch < epochs + ft_epochs:
@@ -453,9 +455,7 @@ class LayerParallelTrainer:
             record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [0.0] * (lay.K - 1) + [losses[lay.K - 1, 0].item()],
                       **metrics, "step_ms": [epoch_s / self.steps * 1e3] * self.comm.size,
                       "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
-            self._end_of_epoch(epoch + 1, record, log, progress)
-            if self._checkpoint_due(epoch + 1, stopping=epoch + 1 == last_epoch):
-                self.save(f"epoch_{epoch + 1}", epoch + 1, "finetune", optimizer)
+            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch, optimizer)
         return elapsed
 
     def save(self, tag: str, epoch: int, phase: str, finetune_opt=None):

@@ -40,6 +40,17 @@ def clear_run(path: Path):
         per_rank.unlink()
 
 
+def start_run(path: Path, config_yaml: str, overwrite: bool, resume: bool = False):
+    """Check the run directory; for a new run, clear it (--overwrite) and write config.yaml."""
+    check_run_dir(path, overwrite, resume)
+    if resume:
+        return
+    if overwrite:
+        clear_run(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(config_yaml)
+
+
 def write_json(path: Path, obj):
     """Write JSON atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
