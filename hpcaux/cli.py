@@ -84,7 +84,7 @@ def _train(args) -> int:
         summary = train_serial(cfg, run_dir, device)
     else:
         summary = _train_layer_parallel(cfg, run_dir, device, args)
-    if "stopped_after_epoch" in summary:
+    if "stopped_after_epoch" in summary or "stopped_by_signal" in summary:
         if launch.world_rank() == 0:
             print(json.dumps({**summary, "resume_with": f"hpcaux train --resume {run_dir}"}))
         return 0
@@ -98,6 +98,9 @@ def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.layer_parallel import LayerParallelTrainer
     from hpcaux.train.rundir import start_run
+    from hpcaux.train.stop_request import StopRequest
+
+    stop = StopRequest()  # first: a signal during set-up is held until the first step
 
     comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
@@ -111,7 +114,8 @@ def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     if problem:
         raise UserError(problem)
     try:
-        return LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume)).run(args.max_epochs)
+        trainer = LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume), stop=stop)
+        return trainer.run(args.max_epochs)
     finally:
         comm.finalize()
 

@@ -65,7 +65,7 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     K: int = field(default=1, metadata={"min": 1, "help": "number of stages (ranks per replica)"})
-    D: int = field(default=1, metadata={"min": 1, "help": "data-parallel replicas of each stage"})
+    D: int = field(default=1, metadata={"min": 0, "help": "data-parallel replicas of each stage; 0 = world size / K (the sbatch scripts pass 0)"})
     balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages"})
     cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real CIFAR-10 data, mpirun with a timeout, the installed backends."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -45,3 +46,20 @@ def check(proc: subprocess.CompletedProcess):
 def installed_backends() -> list[str]:
     from hpcaux.comm import available_backends
     return available_backends()
+
+
+def digest(folder: Path) -> dict:
+    """Every file under `folder` by content hash: equal digests mean nothing was touched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def assert_same_final_weights(run_a: Path, run_b: Path, files=("stage_0.pt", "stage_1.pt", "auxnet.pt")):
+    """The `final` checkpoints of two layer-parallel runs hold the same weights."""
+    import torch
+    for name in files:
+        a = torch.load(run_a / "ckpt" / "final" / name)
+        b = torch.load(run_b / "ckpt" / "final" / name)
+        key = "auxnet" if name == "auxnet.pt" else "stage"
+        for k in a[key]:
+            assert torch.allclose(a[key][k].float(), b[key][k].float(), atol=1e-6), (name, k)

@@ -1,14 +1,12 @@
 """The HDF5 store, checkpoints, resume and offline analysis, on real short runs under mpirun."""
-import hashlib
 import json
 import shutil
 
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from conftest import HPCAUX, ROOT, check, installed_backends, mpirun, run
+from conftest import HPCAUX, ROOT, assert_same_final_weights, check, digest, installed_backends, mpirun, run
 
 SCRIPTS = ROOT / "tests" / "mpi"
 CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
@@ -28,11 +26,6 @@ def contents(path) -> dict:
         f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
         out["meta"] = {k: v for k, v in f["meta"].attrs.items() if k != "mode"}
     return out
-
-
-def digest(folder) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 @pytest.mark.parametrize("np_,variant", [(2, ["lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]"]),
@@ -78,12 +71,7 @@ def test_resume_gives_the_same_weights_and_store(tmp_path, cifar_root):
     check(train(2, tmp_path / "pieces", *common, "--max-epochs", "1"))
     for _ in range(2):
         check(mpirun(2, [HPCAUX, "train", "--resume", str(tmp_path / "pieces"), "--max-epochs", "1"], timeout=300))
-    for name in ("stage_0.pt", "stage_1.pt", "auxnet.pt"):
-        a = torch.load(tmp_path / "straight" / "ckpt" / "final" / name)
-        b = torch.load(tmp_path / "pieces" / "ckpt" / "final" / name)
-        key = "auxnet" if name == "auxnet.pt" else "stage"
-        for k in a[key]:
-            assert torch.allclose(a[key][k].float(), b[key][k].float(), atol=1e-6), (name, k)
+    assert_same_final_weights(tmp_path / "straight", tmp_path / "pieces")
     a, b = contents(tmp_path / "straight" / "aux.h5"), contents(tmp_path / "pieces" / "aux.h5")
     assert np.allclose(a["boundary_0/lambda"], b["boundary_0/lambda"], atol=1e-6)
     assert np.array_equal(a["metrics/composed_acc"], b["metrics/composed_acc"])

@@ -17,6 +17,7 @@ batch; checkpoints every `ckpt.every` epochs make a run resumable (lp_checkpoint
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from hpcaux.train.rundir import MetricsLog, write_json
 from hpcaux.train.runtime import seed_everything
 from hpcaux.train.schedules import learning_rate, rho_at_epoch, set_lr
 from hpcaux.train.serial import make_optimizer
+from hpcaux.train.stop_request import StopRequest
 
 TIMERS = ("aux_s", "stage_s", "comm_s", "step_s")
 
@@ -62,13 +64,19 @@ def build_auxnet(cfg, shapes, image_shape) -> AuxNet:
     return AuxNet(shapes, cfg.auxnet.width, cfg.auxnet.depth, image_shape[0], image_shape[-1])
 
 
+class StoppedBySignal(Exception):
+    """Raised on every rank, after the checkpoint is committed, when a stop was agreed."""
+
+
 class LayerParallelTrainer:
-    def __init__(self, cfg, run_dir: Path, comm, device: torch.device, resume: bool = False):
-        self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
-        K, D = cfg.parallel.K, cfg.parallel.D
+    def __init__(self, cfg, run_dir: Path, comm, device: torch.device, resume: bool = False,
+                 stop: StopRequest | None = None):
+        self.cfg, self.run_dir, self.comm, self.device, self.stop = cfg, run_dir, comm, device, stop
+        K = cfg.parallel.K
         if K < 2:
             raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
-        self.layout = Layout.for_world(K, D, comm.rank, comm.size)
+        self.layout = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
+        D = self.layout.D
         if cfg.lp.aux_source == "stored" and D > 1:
             raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
         if cfg.lp.multipliers == "per_sample" and D > 1 and cfg.store.mode == "per_rank":
@@ -110,6 +118,9 @@ class LayerParallelTrainer:
         self.steps = self.data.steps_per_epoch(cfg.train.batch_size, D)
         self.allreduce_values = 0
         self.start_epoch = manifest["epoch"] if manifest else 0
+        # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made.
+        self.start_step_in_epoch = manifest.get("step_in_epoch", 0) if manifest else 0
+        self.stop_votes = torch.zeros(1, device=device)
         self.epoch_stats = {"multiplier": SampleStats(), "z": SampleStats()}
 
     # --- set-up ------------------------------------------------------------------------
@@ -205,7 +216,23 @@ class LayerParallelTrainer:
         timer["stage_s"] += t2 - t1
         timer["step_s"] = t2 - t0
         gap = relative_gap(out, target.detach()) if target is not None else (0.0, 0.0)
-        return {"loss": term.loss.item(), **term.parts, "gap_num": gap[0], "gap_den": gap[1], **timer}
+        return {"loss": term.loss.item(), **term.parts, "gap_num": gap[0], "gap_den": gap[1], **timer,
+                "stop": self.stop_votes.item() > 0}
+
+    def _cast_stop_vote(self) -> torch.Tensor:
+        """This rank's stop vote, to ride in a world allreduce (a sum > 0 means stop)."""
+        return self.stop_votes.fill_(self.stop.vote() if self.stop else 0.0)
+
+    def _stop_agreed_alone(self) -> bool:
+        """The stop vote in an allreduce of its own (the fine-tune has no world allreduce)."""
+        self.comm.allreduce([self._cast_stop_vote()], op="sum", what="allreduce stop votes")
+        return self.stop_votes.item() > 0
+
+    def _stop_now(self, epoch: int, step_in_epoch: int, phase: str, finetune_opt=None):
+        """Checkpoint inside epoch `epoch + 1` after `step_in_epoch` steps, then unwind."""
+        step = epoch * self.steps + step_in_epoch
+        self.save(f"stop_step_{step}", epoch, phase, finetune_opt, step_in_epoch=step_in_epoch)
+        raise StoppedBySignal(step)
 
     def _synchronise(self, inp, target, idx):
         """The step's communication: one world allreduce, plus the stage-replica average."""
@@ -219,7 +246,8 @@ class LayerParallelTrainer:
             for b in buffers:
                 b.div_(size)
             grads = [p.grad for p in self.auxnet.parameters()]
-            self.comm.allreduce(grads + buffers, op="sum", what="allreduce AuxNet gradients")
+            self.comm.allreduce(grads + buffers + [self._cast_stop_vote()], op="sum",
+                                what="allreduce AuxNet gradients")
             self.allreduce_values = sum(t.numel() for t in grads + buffers)
         else:
             self._synchronise_stored_z(inp, target, idx)
@@ -241,7 +269,9 @@ class LayerParallelTrainer:
             grads[self.in_boundary] += inp.grad
         if self.out_boundary is not None:
             grads[self.out_boundary] += target.grad
-        self.comm.allreduce(grads, op="sum", group=self.replica_group, what="allreduce stored-z gradients")
+        # D = 1 in stored mode, so the replica group is the world and carries the stop vote.
+        self.comm.allreduce(grads + [self._cast_stop_vote()], op="sum", group=self.replica_group,
+                            what="allreduce stored-z gradients")
         self.allreduce_values = sum(g.numel() for g in grads)
         for b, t in ((self.in_boundary, inp), (self.out_boundary, target)):
             if b is None:
@@ -331,9 +361,26 @@ class LayerParallelTrainer:
         else:
             self.store.flush(self.comm.barrier)
 
+    def _epoch_batches(self, epoch: int, augment: bool):
+        """The epoch's batches; a resume inside this epoch skips those already trained on
+        (drawn and dropped, so the augmentation draws stay those of an uninterrupted run)."""
+        batches = self._batches(epoch, augment)
+        if epoch == self.start_epoch and self.start_step_in_epoch:
+            return itertools.islice(batches, self.start_step_in_epoch, None)
+        return batches
+
     def run(self, max_epochs: int | None = None) -> dict:
-        """Train from the start (or the resumed epoch) to the end, or for `max_epochs` epochs
-        of this invocation — then checkpoint, so `--resume` continues the same schedule."""
+        """Train from the start (or the resumed checkpoint) to the end, or for `max_epochs`
+        epochs of this invocation — then checkpoint, so `--resume` continues the same
+        schedule. A stop signal checkpoints after the current step instead."""
+        try:
+            return self._run(max_epochs)
+        except StoppedBySignal as stopped:
+            self.store.close(self.comm.barrier)
+            return {"stopped_by_signal": self.stop.signal_name if self.stop and self.stop.requested else "peer",
+                    "stopped_after_step": stopped.args[0]}
+
+    def _run(self, max_epochs: int | None) -> dict:
         cfg, lay = self.cfg, self.layout
         is_root = self.comm.rank == 0
         log = MetricsLog(self.run_dir, fresh=self.resume_from is None) if is_root else None
@@ -347,7 +394,8 @@ class LayerParallelTrainer:
         augment = cfg.data.augment and cfg.lp.aux_source == "auxnet"
         # Every epoch has self.steps steps, so the step count (which the lr schedule
         # follows) is derived from the epoch, also when a resume changes D.
-        started, train_time, step = time.perf_counter(), 0.0, self.start_epoch * self.steps
+        started, train_time = time.perf_counter(), 0.0
+        step = self.start_epoch * self.steps + (self.start_step_in_epoch if self.start_epoch < epochs else 0)
         total_steps = self.steps * epochs
         timers, steps_here = {k: 0.0 for k in TIMERS}, 0
         for epoch in range(self.start_epoch, min(epochs, last_epoch)):
@@ -355,7 +403,8 @@ class LayerParallelTrainer:
             epoch_start = time.perf_counter()
             sums = {"loss": 0.0, "gap_num": 0.0, "gap_den": 0.0}
             self.epoch_stats = {"multiplier": SampleStats(), "z": SampleStats()}
-            for x, y, idx in self._batches(epoch, augment):
+            done, stop_voted = 0, False
+            for x, y, idx in self._epoch_batches(epoch, augment):
                 lr = learning_rate(cfg.optim, step, total_steps, self.steps)
                 set_lr(self.stage_opt, lr)
                 if self.aux_opt:
@@ -364,16 +413,20 @@ class LayerParallelTrainer:
                 out = self.train_step(x, y, idx, rho)
                 step += 1
                 steps_here += 1
+                done += 1
                 for k in sums:
                     sums[k] += out[k]
                 for k in TIMERS:
                     timers[k] += out[k]
                 progress.update(f"ep {epoch + 1} stage {lay.stage + 1} loss {out['loss']:.3f}")
+                stop_voted = out["stop"]
+                if stop_voted and step - epoch * self.steps < self.steps:
+                    self._stop_now(epoch, step - epoch * self.steps, "layer_parallel")
             epoch_s = time.perf_counter() - epoch_start
             train_time += epoch_s
             metrics = self.held_out_metrics(cfg.data.eval_subset)
             mult, zs = self.epoch_stats["multiplier"], self.epoch_stats["z"]
-            per_rank = self.gather_per_rank([sums["loss"] / self.steps, sums["gap_num"] / max(sums["gap_den"], 1e-12),
+            per_rank = self.gather_per_rank([sums["loss"] / done, sums["gap_num"] / max(sums["gap_den"], 1e-12),
                                              *(timers[k] / steps_here for k in TIMERS),
                                              mult.rms(), zs.mean(), zs.std()])
             owners = per_rank[:lay.K - 1]  # stage k of replica 0 owns boundary k
@@ -386,8 +439,10 @@ class LayerParallelTrainer:
                       "z_mean": owners[:, 7].tolist() if cfg.lp.aux_source == "stored" else None,
                       "z_std": owners[:, 8].tolist() if cfg.lp.aux_source == "stored" else None,
                       "allreduce_values": self.allreduce_values,
-                      "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
+                      "samples_per_s": done * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
             self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
+            if stop_voted and epoch + 1 < last_epoch:  # voted on the epoch's last step
+                self._stop_now(epoch + 1, 0, "layer_parallel")
         ft_time = self._finetune(progress, log, last_epoch) if last_epoch > epochs else 0.0
         progress.close()
         if last_epoch < epochs + ft_epochs:
@@ -428,15 +483,16 @@ class LayerParallelTrainer:
         """Serial-parallel hybrid: end-to-end backprop of the composed network over send/recv."""
         cfg, lay = self.cfg, self.layout
         optimizer = make_optimizer(list(self.stage.parameters()), cfg.optim, lr=cfg.lp.finetune_lr)
-        if self.resume_from is not None and self.start_epoch > cfg.train.epochs:
+        if self.resume_from is not None and self.start_epoch >= cfg.train.epochs:
             self.comm.agree(lambda: restore_finetune_optimizer(self, self.resume_from, optimizer),
                             "restoring the checkpoint")
         total = self.steps * cfg.lp.finetune_epochs
         first = max(self.start_epoch, cfg.train.epochs)
-        step, elapsed = (first - cfg.train.epochs) * self.steps, 0.0
+        step = (first - cfg.train.epochs) * self.steps + (self.start_step_in_epoch if first == self.start_epoch else 0)
+        elapsed = 0.0
         for epoch in range(first, last_epoch):
-            start, loss_sum = time.perf_counter(), 0.0
-            for x, y, _ in self._batches(epoch, cfg.data.augment):
+            start, loss_sum, done, stop_voted = time.perf_counter(), 0.0, 0, False
+            for x, y, _ in self._epoch_batches(epoch, cfg.data.augment):
                 set_lr(optimizer, learning_rate(cfg.optim, step, total, self.steps, base_lr=cfg.lp.finetune_lr))
                 self.comm.watchdog.context["step"] = f"finetune {step}"
                 optimizer.zero_grad(set_to_none=True)
@@ -447,17 +503,24 @@ class LayerParallelTrainer:
                 optimizer.step()
                 loss_sum += loss or 0.0
                 step += 1
+                done += 1
                 progress.update(f"finetune {epoch + 1 - cfg.train.epochs}")
+                step_in_epoch = step - (epoch - cfg.train.epochs) * self.steps
+                stop_voted = self._stop_agreed_alone()
+                if stop_voted and step_in_epoch < self.steps:
+                    self._stop_now(epoch, step_in_epoch, "finetune", optimizer)
             epoch_s = time.perf_counter() - start
             elapsed += epoch_s
             metrics = self.held_out_metrics(self.cfg.data.eval_subset)
-            losses = self.gather_per_rank([loss_sum / self.steps])
+            losses = self.gather_per_rank([loss_sum / done])
             record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [0.0] * (lay.K - 1) + [losses[lay.K - 1, 0].item()],
-                      **metrics, "step_ms": [epoch_s / self.steps * 1e3] * self.comm.size,
-                      "samples_per_s": self.steps * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
+                      **metrics, "step_ms": [epoch_s / done * 1e3] * self.comm.size,
+                      "samples_per_s": done * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
             self._end_of_epoch(epoch + 1, record, log, progress, last_epoch, optimizer)
+            if stop_voted and epoch + 1 < last_epoch:  # voted on the epoch's last step
+                self._stop_now(epoch + 1, 0, "finetune", optimizer)
         return elapsed
 
-    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None):
+    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0):
         self.store.flush(self.comm.barrier)
-        save_trainer(self, tag, epoch, phase, finetune_opt)
+        save_trainer(self, tag, epoch, phase, finetune_opt, step_in_epoch)

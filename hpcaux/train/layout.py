@@ -14,6 +14,11 @@ class Layout:
 
     @classmethod
     def for_world(cls, K: int, D: int, rank: int, size: int) -> "Layout":
+        """The layout of `size` ranks; D = 0 takes as many replicas as the world holds."""
+        if D == 0:
+            if size % K:
+                raise UserError(f"world size {size} is not a multiple of parallel.K = {K}; launch a multiple of {K} ranks")
+            D = size // K
         if K * D != size:
             raise UserError(f"world size {size} is not parallel.K x parallel.D = {K} x {D} = {K * D}; "
                             f"launch {K * D} ranks or change parallel.K/parallel.D")

@@ -30,7 +30,8 @@ def read_resume_manifest(run_dir: Path, K: int) -> tuple[Path, dict]:
     return folder, manifest
 
 
-def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None):
+def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0):
+    """Checkpoint after `epoch` whole epochs and `step_in_epoch` steps of the next one."""
     lay, files = trainer.layout, {}
     if lay.replica == 0:
         files[f"stage_{lay.stage}.pt"] = {
@@ -42,7 +43,7 @@ def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None):
             files["auxnet.pt"] = {"auxnet": trainer.auxnet.state_dict(), "aux_opt": trainer.aux_opt.state_dict()}
     manifest = {"method": "layer_parallel", "model": trainer.cfg.model.arch, "dataset": trainer.cfg.data.dataset,
                 "K": lay.K, "D": lay.D, "cuts": trainer.cuts, "boundary_shapes": [list(s) for s in trainer.shapes],
-                "epoch": epoch, "phase": phase, "config": trainer.cfg.to_dict(),
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "phase": phase, "config": trainer.cfg.to_dict(),
                 "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else [])}
 
     def before_commit():

@@ -1,0 +1,124 @@
+"""Faults under a real mpirun: stop signals, a killed rank, a stuck rank.
+
+Each run is a real training job; the signal or kill lands wherever the job happens to be,
+so what is asserted holds for any moment (same final weights, a committed `latest`).
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, mpirun)
+
+CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
+         "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50"]
+
+
+def start(np_, out, *overrides) -> subprocess.Popen:
+    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none"]
+    for key in MPI_ENV:
+        cmd += ["-x", key]
+    cmd += [HPCAUX, "train", "--config", CONFIG, "--out", str(out), *SMALL, *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, **MPI_ENV})
+
+
+def wait_for_epochs(out, n: int, proc, timeout=240):
+    """Block until the checkpoint of epoch `n` is committed (the job is then in epoch n + 1)."""
+    deadline = time.monotonic() + timeout
+    manifest = out / "ckpt" / "latest" / "manifest.json"
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(manifest.read_text())["epoch"] >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of epoch {n} in {out}")
+
+
+def ranks_of(proc) -> list[int]:
+    """The rank processes mpirun started (its children), in rank order."""
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return sorted(int(pid) for pid in children)
+
+
+def finish(proc, timeout) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"job still running {timeout} s after the fault:\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr, time.monotonic() - started
+
+
+@pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune")])
+def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, tmp_path, cifar_root):
+    schedule = ["train.epochs=3"] if phase == "layer_parallel" else ["train.epochs=1", "lp.finetune_epochs=2"]
+    common = [f"data.root={cifar_root}", "lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]", *schedule]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    proc = start(2, stopped, *common)
+    wait_for_epochs(stopped, 1, proc)
+    if how.startswith("USR1"):
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
+    else:
+        for pid in ranks_of(proc):  # what SLURM does at a time limit
+            os.kill(pid, signal.SIGTERM)
+    code, stdout, stderr, _ = finish(proc, 120)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["stopped_by_signal"] == ("SIGUSR1" if how.startswith("USR1") else "SIGTERM")
+    manifest = json.loads((stopped / "ckpt" / "latest" / "manifest.json").read_text())
+    # nothing trained is lost: the checkpoint holds every step made before the stop
+    assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] >= 16
+    assert manifest["phase"] == phase
+    assert not (stopped / "summary.json").exists()
+    check(mpirun(2, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
+    check(mpirun(2, [HPCAUX, "train", "--config", CONFIG, "--out", str(straight), *SMALL, *common], timeout=300))
+    assert_same_final_weights(straight, stopped)
+    epochs = [json.loads(line)["epoch"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("np_", [2, 3])
+def test_a_killed_rank_ends_the_job_and_resume_continues_from_latest(np_, tmp_path, cifar_root):
+    out = tmp_path / "run"
+    common = [f"data.root={cifar_root}", "train.epochs=3", f"parallel.K={np_}", "comm.timeout_s=30"]
+    proc = start(np_, out, *common)
+    wait_for_epochs(out, 1, proc)
+    victim = ranks_of(proc)[-1]
+    os.kill(victim, signal.SIGKILL)
+    code, _, stderr, took = finish(proc, 90)
+    assert code != 0 and took < 60
+    # the launcher (mpirun) or a survivor's watchdog names the lost rank
+    assert f"process rank {np_ - 1} " in stderr or "hpcaux: watchdog:" in stderr, stderr[-3000:]
+    latest = out / "ckpt" / "latest"
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert all((latest / f).is_file() for f in manifest["files"])
+    check(mpirun(np_, [HPCAUX, "train", "--resume", str(out)], timeout=300))
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+
+
+def test_a_stuck_rank_is_named_by_the_watchdog_and_the_job_ends(tmp_path, cifar_root):
+    """SIGSTOP leaves the peer alive but silent (a hung GPU, a stalled file system): the
+    launcher sees nothing, so only the watchdog can end the job."""
+    out = tmp_path / "run"
+    proc = start(3, out, f"data.root={cifar_root}", "train.epochs=3", "parallel.K=3", "comm.timeout_s=10")
+    wait_for_epochs(out, 1, proc)
+    stuck = ranks_of(proc)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        code, _, stderr, took = finish(proc, 90)
+    finally:
+        subprocess.run(["kill", "-CONT", str(stuck)], capture_output=True)
+    assert code != 0 and took < 60
+    lines = [line for line in stderr.splitlines() if line.startswith("hpcaux: watchdog:")]
+    assert lines, stderr[-3000:]
+    assert "a peer is lost or stuck" in lines[0] and "stage" in lines[0] and "step" in lines[0]
