@@ -390,7 +390,8 @@ class LayerParallelTrainer:
             last_epoch = min(last_epoch, self.start_epoch + max_epochs)
         progress = Progress(self.steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
         if self.resume_from is not None:
-            progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}")
+            within = f", step {self.start_step_in_epoch} of epoch {self.start_epoch + 1}" if self.start_step_in_epoch else ""
+            progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}{within}")
         augment = cfg.data.augment and cfg.lp.aux_source == "auxnet"
         # Every epoch has self.steps steps, so the step count (which the lr schedule
         # follows) is derived from the epoch, also when a resume changes D.

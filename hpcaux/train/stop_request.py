@@ -5,12 +5,12 @@ and SIGTERM when it ends a job; mpirun forwards SIGUSR1 to every rank. A signal 
 the ranks at different moments, so the handler only raises a flag: the trainer carries the
 flag inside the step's world allreduce (layer-parallel) and every rank sees the same
 verdict after the same step, finishes it, and all save together (DESIGN.md section 5).
-A second signal of the same kind falls back to its default action, for a user who wants
-the process gone now.
+Further signals change nothing: under SLURM a task can get the same SIGTERM from slurmd
+and from srun, and dying on the second would lose the save. SIGINT (Ctrl-C) and SIGKILL
+still end a process at once.
 """
 from __future__ import annotations
 
-import os
 import signal
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -23,11 +23,8 @@ class StopRequest:
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, _frame):
-        if self.signal_name == signal.Signals(signum).name:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
