@@ -13,7 +13,8 @@ import traceback
 from pathlib import Path
 
 from hpcaux.comm import launch
-from hpcaux.errors import UserError
+from hpcaux.errors import UserError, storage_problem
+from hpcaux.train.rundir import check_run_dir, create_run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +54,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from hpcaux.config import load_config
-    from hpcaux.train.rundir import start_run
     from hpcaux.train.runtime import select_device, set_threads
 
     if args.resume:
@@ -70,18 +70,18 @@ def _train(args) -> int:
         run_dir = Path(args.out)
     if args.max_epochs is not None and args.max_epochs < 1:
         raise UserError(f"--max-epochs must be >= 1, got {args.max_epochs}")
-    device = select_device(launch.local_rank())
+    device = select_device(launch.local_rank(), cfg.train.device)
     set_threads(cfg.train.threads)
     if cfg.method == "serial":
         if launch.world_size() > 1:
             raise UserError(f"method serial runs in one process, but {launch.world_size()} ranks were launched")
         if args.resume or args.max_epochs:
             raise UserError("--resume and --max-epochs are for layer-parallel runs")
-        start_run(run_dir, cfg.to_yaml(), args.overwrite)
+        check_run_dir(run_dir, args.overwrite)
         from hpcaux.train.runtime import seed_everything
         from hpcaux.train.serial import train_serial
         seed_everything(cfg.seed)
-        summary = train_serial(cfg, run_dir, device)
+        summary = train_serial(cfg, run_dir, device, lambda: create_run(run_dir, cfg.to_yaml(), args.overwrite))
     else:
         summary = _train_layer_parallel(cfg, run_dir, device, args)
     if "stopped_after_epoch" in summary or "stopped_by_signal" in summary:
@@ -97,7 +97,6 @@ def _train(args) -> int:
 def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    from hpcaux.train.rundir import start_run
     from hpcaux.train.stop_request import StopRequest
 
     stop = StopRequest()  # first: a signal during set-up is held until the first step
@@ -107,14 +106,16 @@ def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     problem = None
     if comm.rank == 0:
         try:
-            start_run(run_dir, cfg.to_yaml(), args.overwrite, resume=bool(args.resume))
+            check_run_dir(run_dir, args.overwrite, resume=bool(args.resume))
         except UserError as err:
             problem = str(err)
     problem = comm.broadcast_object(problem, root=0)
     if problem:
         raise UserError(problem)
     try:
-        trainer = LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume), stop=stop)
+        trainer = LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume), stop=stop,
+                                       create_run=lambda: create_run(run_dir, cfg.to_yaml(), args.overwrite,
+                                                                     resume=bool(args.resume)))
         return trainer.run(args.max_epochs)
     finally:
         comm.finalize()
@@ -161,14 +162,29 @@ def main(argv=None) -> int:
         if launch.world_rank() == 0:
             print(f"hpcaux: error: {err}", file=sys.stderr, flush=True)
         return err.exit_status
+    except (OSError, ValueError) as err:
+        problem = storage_problem(err)
+        if problem is None:
+            return _unexpected()
+        # Only this rank may have hit it (rank 0 writes most files): it speaks, then ends the job.
+        ranks = f" (rank {launch.world_rank()})" if launch.world_size() > 1 else ""
+        print(f"hpcaux: error: {problem}{ranks}", file=sys.stderr, flush=True)
+        if launch.world_size() > 1:
+            _abort_job(UserError.exit_status)
+        return UserError.exit_status
     except Exception:
-        if launch.world_size() == 1:
-            raise
-        # A bug on one rank: the others would wait in a collective, and mpi4py's
-        # MPI_Finalize at exit would keep this process alive. Abort the whole job now.
-        traceback.print_exc()
-        print(f"hpcaux: rank {launch.world_rank()} failed; aborting the job", file=sys.stderr, flush=True)
-        _abort_job(1)
+        return _unexpected()
+
+
+def _unexpected() -> int:
+    """A bug (called while handling it): keep the traceback. On one rank of several, the
+    others would wait in a collective and mpi4py's MPI_Finalize at exit would keep this
+    process alive: abort the whole job now."""
+    if launch.world_size() == 1:
+        raise  # re-raises the exception being handled
+    traceback.print_exc()
+    print(f"hpcaux: rank {launch.world_rank()} failed; aborting the job", file=sys.stderr, flush=True)
+    _abort_job(1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"min": 1, "help": "per replica"})
     eval_batch_size: int = field(default=500, metadata={"min": 1})
     threads: int = field(default=0, metadata={"min": 0, "help": "torch threads per rank; 0 = cores / ranks on this node"})
+    device: str = field(default="auto", metadata={"choices": ("auto", "cuda", "cpu"), "help": "auto: one GPU per rank where there are GPUs, else the CPU; cuda: fail without a GPU"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
 
 

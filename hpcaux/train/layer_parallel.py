@@ -70,7 +70,8 @@ class StoppedBySignal(Exception):
 
 class LayerParallelTrainer:
     def __init__(self, cfg, run_dir: Path, comm, device: torch.device, resume: bool = False,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, create_run=None):
+        """Every start-up check runs before `create_run()` (rank 0) writes the run directory."""
         self.cfg, self.run_dir, self.comm, self.device, self.stop = cfg, run_dir, comm, device, stop
         K = cfg.parallel.K
         if K < 2:
@@ -109,6 +110,8 @@ class LayerParallelTrainer:
         self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
             comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
+        if create_run is not None:
+            comm.agree(lambda: create_run() if comm.rank == 0 else None, "creating the run directory")
         self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode), "the HDF5 store")
         self.run_store = comm.agree(lambda: RunStore(self.store, cfg, self.layout, self.shapes, self.data.n_train),
                                     "the HDF5 store layout")

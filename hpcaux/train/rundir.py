@@ -40,8 +40,12 @@ def clear_run(path: Path):
         per_rank.unlink()
 
 
-def start_run(path: Path, config_yaml: str, overwrite: bool, resume: bool = False):
-    """Check the run directory; for a new run, clear it (--overwrite) and write config.yaml."""
+def create_run(path: Path, config_yaml: str, overwrite: bool, resume: bool = False):
+    """For a new run, clear the directory (--overwrite) and write config.yaml.
+
+    Called once every start-up check (config, world size, data, checkpoint) has passed,
+    so a run that cannot start leaves no trace. Checks the directory again first: time
+    has passed since the early check_run_dir."""
     check_run_dir(path, overwrite, resume)
     if resume:
         return

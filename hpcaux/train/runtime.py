@@ -11,14 +11,16 @@ from hpcaux.comm import launch
 from hpcaux.errors import UserError
 
 
-def select_device(local_rank: int, require_gpu: bool = False) -> torch.device:
-    """One rank per GPU (rank on the node modulo GPU count); the CPU where there are none."""
-    if torch.cuda.is_available():
+def select_device(local_rank: int, wanted: str = "auto") -> torch.device:
+    """One rank per GPU (rank on the node modulo GPU count); the CPU where there are none
+    (`auto`) or where asked (`cpu`). `cuda` without a GPU is an error, not a silent CPU run."""
+    if wanted != "cpu" and torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
-    if require_gpu:
-        raise UserError("a GPU was asked for but torch sees none (torch.cuda.is_available() is False)")
+    if wanted == "cuda":
+        raise UserError("config key 'train.device' is cuda but torch sees no GPU (torch.cuda.is_available() is "
+                        "False: no GPU on this node, CUDA_VISIBLE_DEVICES empty, or a CPU-only torch)")
     return torch.device("cpu")
 
 

@@ -21,9 +21,12 @@ def make_optimizer(params, optim_cfg, lr=None):
                            weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.nesterov)
 
 
-def train_serial(cfg, run_dir: Path, device: torch.device) -> dict:
+def train_serial(cfg, run_dir: Path, device: torch.device, create_run) -> dict:
+    """Train one process end to end; `create_run()` writes the run directory once data
+    and model are in place, so a run that cannot start leaves nothing behind."""
     data = load_data(cfg.data, cfg.seed)
     model = build_model(cfg.model.arch, data.num_classes).to(device)
+    create_run()
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     steps = data.steps_per_epoch(cfg.train.batch_size)
     total = steps * cfg.train.epochs
