@@ -43,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("store", help="path to RUN/aux.h5")
     an.add_argument("--out", help="folder for the plots (default: RUN/analysis)")
 
+    bench = sub.add_parser("bench", help="run the compared methods side by side; speedup, accuracy, cost model",
+                           description="Run serial, data-parallel, pipeline and layer-parallel training one after "
+                                       "another on the same data (a bench file under configs/), then write "
+                                       "BENCH/results.json, results.md and plots (docs/benchmarks.md).")
+    bench.add_argument("--config", required=True, help="bench file, e.g. configs/bench_cifar10_resnet20.yaml")
+    bench.add_argument("--out", required=True, help="bench directory")
+    bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
+    bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
+    bench.add_argument("--overwrite", action="store_true", help="run every method again")
+    bench.add_argument("--model", action="store_true",
+                       help="only the cost model: project the speedup to larger K and models (BENCH/cost_model.md)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+
     data = sub.add_parser("data", help="prepare a data set in the standard layout",
                           description="Lay out CIFAR in the standard python-pickle format from the original release "
                                       "tarball or from a JPEG-folder archive (train/<class>/, test/<class>/).")
@@ -83,7 +96,9 @@ def _train(args) -> int:
         seed_everything(cfg.seed)
         summary = train_serial(cfg, run_dir, device, lambda: create_run(run_dir, cfg.to_yaml(), args.overwrite))
     else:
-        summary = _train_layer_parallel(cfg, run_dir, device, args)
+        if cfg.method != "layer_parallel" and (args.resume or args.max_epochs):
+            raise UserError("--resume and --max-epochs are for layer-parallel runs")
+        summary = _train_distributed(cfg, run_dir, device, args)
     if "stopped_after_epoch" in summary or "stopped_by_signal" in summary:
         if launch.world_rank() == 0:
             print(json.dumps({**summary, "resume_with": f"hpcaux train --resume {run_dir}"}))
@@ -94,8 +109,10 @@ def _train(args) -> int:
     return 0
 
 
-def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
+def _train_distributed(cfg, run_dir: Path, device, args) -> dict:
+    """Layer-parallel training, or one of the bench's distributed baselines."""
     from hpcaux.comm import create_comm
+    from hpcaux.train.baselines import DataParallelTrainer, PipelineTrainer
     from hpcaux.train.layer_parallel import LayerParallelTrainer
     from hpcaux.train.stop_request import StopRequest
 
@@ -112,11 +129,16 @@ def _train_layer_parallel(cfg, run_dir: Path, device, args) -> dict:
     problem = comm.broadcast_object(problem, root=0)
     if problem:
         raise UserError(problem)
+    def create():
+        create_run(run_dir, cfg.to_yaml(), args.overwrite, resume=bool(args.resume))
+
     try:
-        trainer = LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume), stop=stop,
-                                       create_run=lambda: create_run(run_dir, cfg.to_yaml(), args.overwrite,
-                                                                     resume=bool(args.resume)))
-        return trainer.run(args.max_epochs)
+        if cfg.method == "layer_parallel":
+            trainer = LayerParallelTrainer(cfg, run_dir, comm, device, resume=bool(args.resume), stop=stop,
+                                           create_run=create)
+            return trainer.run(args.max_epochs)
+        baseline = {"data_parallel": DataParallelTrainer, "pipeline": PipelineTrainer}[cfg.method]
+        return baseline(cfg, run_dir, comm, device, create).run()
     finally:
         comm.finalize()
 
@@ -139,6 +161,14 @@ def _analyze(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from hpcaux.bench.main import bench
+
+    print(bench(args.config, Path(args.out), quick=args.quick, reuse=args.reuse, overwrite=args.overwrite,
+                model_only=args.model, overrides=args.overrides))
+    return 0
+
+
 def _data(args) -> int:
     from hpcaux.data.prepare import prepare
 
@@ -157,7 +187,7 @@ def _abort_job(code: int):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "analyze": _analyze, "data": _data}[args.command](args)
+        return {"train": _train, "eval": _eval, "analyze": _analyze, "bench": _bench, "data": _data}[args.command](args)
     except UserError as err:
         if launch.world_rank() == 0:
             print(f"hpcaux: error: {err}", file=sys.stderr, flush=True)

@@ -69,6 +69,7 @@ class ParallelConfig:
     D: int = field(default=1, metadata={"min": 0, "help": "data-parallel replicas of each stage; 0 = world size / K (the sbatch scripts pass 0)"})
     balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages"})
     cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
+    microbatches: int = field(default=4, metadata={"min": 1, "help": "micro-batches per step (method: pipeline)"})
 
 
 @dataclass
@@ -114,7 +115,8 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    method: str = field(default="serial", metadata={"choices": ("serial", "layer_parallel")})
+    method: str = field(default="serial", metadata={"choices": ("serial", "layer_parallel", "data_parallel", "pipeline"),
+                                                    "help": "data_parallel and pipeline are the baselines of hpcaux bench (docs/benchmarks.md)"})
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -239,8 +241,10 @@ def _check_consistency(cfg: Config):
         raise UserError("config key 'lp.loss' is al but 'lp.multipliers' is none: set lp.multipliers=per_sample")
     if cfg.lp.rho_max < cfg.lp.rho0:
         raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
-    if cfg.method == "serial" and (cfg.parallel.K != 1):
-        raise UserError("config key 'parallel.K' must be 1 for method: serial (use method: layer_parallel)")
+    if cfg.method in ("serial", "data_parallel") and (cfg.parallel.K != 1):
+        raise UserError(f"config key 'parallel.K' must be 1 for method: {cfg.method} (use method: layer_parallel)")
+    if cfg.method == "pipeline" and (cfg.parallel.K < 2 or cfg.parallel.D not in (0, 1)):
+        raise UserError("method pipeline needs parallel.K >= 2 stages and parallel.D = 1")
     if cfg.lp.aux_source == "stored" and cfg.data.augment:
         raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
     if cfg.data.dataset == "imagenet" and cfg.model.arch != "resnet50":

@@ -86,29 +86,30 @@ def _block_inputs(model: BlockSequence, sample: torch.Tensor) -> list[torch.Tens
     return inputs
 
 
-def block_flops(model: BlockSequence, sample: torch.Tensor) -> list[float]:
-    """Multiply-accumulates of convolutions and linear layers, per block."""
-    counts = []
+def count_macs(module: nn.Module, forward) -> float:
+    """Multiply-accumulates of the convolutions and linear layers of `module` while
+    `forward()` runs (no gradients): the cost measure of balance: flops and the cost model."""
+    total = [0.0]
 
-    def count(module, inp, out):
-        if isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            counts[-1] += out.numel() * per_output
-        elif isinstance(module, nn.Linear):
-            counts[-1] += out.numel() * module.in_features
+    def count(layer, inp, out):
+        if isinstance(layer, nn.Conv2d):
+            total[0] += out.numel() * layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, nn.Linear):
+            total[0] += out.numel() * layer.in_features
 
-    inputs = _block_inputs(model, sample)
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        for block, x in zip(model, inputs):
-            counts.append(0.0)
-            with torch.no_grad():
-                block(x)
+        with torch.no_grad():
+            forward()
     finally:
         for h in hooks:
             h.remove()
-    return counts
+    return total[0]
+
+
+def block_flops(model: BlockSequence, sample: torch.Tensor) -> list[float]:
+    """Multiply-accumulates of convolutions and linear layers, per block."""
+    return [count_macs(block, lambda b=block, x=x: b(x)) for block, x in zip(model, _block_inputs(model, sample))]
 
 
 def block_times(model: BlockSequence, sample: torch.Tensor, repeats: int = 5) -> list[float]:

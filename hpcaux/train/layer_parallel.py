@@ -39,7 +39,7 @@ from hpcaux.train.lp_checkpoint import (read_resume_manifest, restore_finetune_o
 from hpcaux.train.lp_store import RunStore, SampleStats, lambda_name, z_name
 from hpcaux.train.progress import Progress
 from hpcaux.train.rundir import MetricsLog, write_json
-from hpcaux.train.runtime import seed_everything
+from hpcaux.train.runtime import peak_memory_mb, seed_everything
 from hpcaux.train.schedules import learning_rate, rho_at_epoch, set_lr
 from hpcaux.train.serial import make_optimizer
 from hpcaux.train.stop_request import StopRequest
@@ -56,6 +56,20 @@ def build_local_head(shapes, stage: int, num_classes: int, seed: int) -> Classif
     """Stage `stage`'s local classifier, seeded by (seed, stage) alone so any process can rebuild it."""
     torch.manual_seed(seed + 2 + stage)
     return ClassifierHead(shapes[stage][0], num_classes)
+
+
+def agree_on_cuts(cfg, comm, model, data, device) -> list[int]:
+    """The configured cut points, or balanced ones chosen on rank 0 (timings differ per
+    rank) and sent to all."""
+    if cfg.parallel.cuts:
+        if cfg.parallel.cuts[-1] >= len(model):
+            raise UserError(f"config key 'parallel.cuts' {cfg.parallel.cuts} is beyond the model's {len(model)} blocks")
+        return list(cfg.parallel.cuts)
+    cuts = None
+    if comm.rank == 0:
+        sample = data.normalized_train(torch.arange(min(32, data.n_train)), device)
+        cuts = choose_cuts(model, cfg.parallel.K, cfg.parallel.balance, sample)
+    return comm.broadcast_object(cuts, root=0)
 
 
 def build_auxnet(cfg, shapes, image_shape) -> AuxNet:
@@ -90,7 +104,7 @@ class LayerParallelTrainer:
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
-        self.cuts = manifest["cuts"] if manifest else self._agree_on_cuts(model)
+        self.cuts = manifest["cuts"] if manifest else agree_on_cuts(cfg, comm, model, self.data, device)
         stages = make_stages(model, self.cuts, boundary_norm=True)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
@@ -127,19 +141,6 @@ class LayerParallelTrainer:
         self.epoch_stats = {"multiplier": SampleStats(), "z": SampleStats()}
 
     # --- set-up ------------------------------------------------------------------------
-    def _agree_on_cuts(self, model) -> list[int]:
-        """Cut points chosen on rank 0 (timings differ per rank) and sent to all."""
-        cfg = self.cfg
-        if cfg.parallel.cuts:
-            if cfg.parallel.cuts[-1] >= len(model):
-                raise UserError(f"config key 'parallel.cuts' {cfg.parallel.cuts} is beyond the model's {len(model)} blocks")
-            return list(cfg.parallel.cuts)
-        cuts = None
-        if self.comm.rank == 0:
-            sample = self.data.normalized_train(torch.arange(min(32, self.data.n_train)), self.device)
-            cuts = choose_cuts(model, cfg.parallel.K, cfg.parallel.balance, sample)
-        return self.comm.broadcast_object(cuts, root=0)
-
     @torch.no_grad()
     def _init_stored_z(self, stages):
         """z_k of every training sample, from a forward pass of the initial composed network.
@@ -455,7 +456,7 @@ class LayerParallelTrainer:
         final = self.held_out_metrics(cfg.data.test_subset)
         self.save("final", last_epoch, "done")
         self.store.close(self.comm.barrier)
-        per_rank = self.gather_per_rank([timers[k] / max(steps_here, 1) for k in TIMERS])
+        per_rank = self.gather_per_rank([timers[k] / max(steps_here, 1) for k in TIMERS] + [peak_memory_mb(self.device)])
         summary = {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": lay.K, "D": lay.D, "cuts": self.cuts, "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
                    "epochs": epochs, "finetune_epochs": ft_epochs, "train_samples": self.data.n_train,
@@ -468,6 +469,7 @@ class LayerParallelTrainer:
                    "stage_ms_per_rank": (per_rank[:, 1] * 1e3).tolist(),
                    "comm_ms_per_rank": (per_rank[:, 2] * 1e3).tolist(),
                    "aux_fraction_of_stage": (per_rank[:, 0] / per_rank[:, 1].clamp(min=1e-12)).max().item(),
+                   "peak_mem_mb_per_rank": per_rank[:, 4].tolist(),
                    "allreduce_values_per_step": self.allreduce_values,
                    "threads": torch.get_num_threads(), "backend": self.comm.name, "store_mode": self.store.mode}
         if is_root:

@@ -33,6 +33,14 @@ def set_threads(threads: int):
     return threads
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -13,6 +13,7 @@ from hpcaux.store.checkpoint import save_checkpoint
 from hpcaux.train.evaluate import evaluate_model
 from hpcaux.train.progress import Progress
 from hpcaux.train.rundir import MetricsLog, write_json
+from hpcaux.train.runtime import peak_memory_mb
 from hpcaux.train.schedules import learning_rate, set_lr
 
 
@@ -67,7 +68,8 @@ def train_serial(cfg, run_dir: Path, device: torch.device, create_run) -> dict:
     summary = {"method": "serial", "model": cfg.model.arch, "dataset": cfg.data.dataset, "K": 1, "D": 1,
                "epochs": cfg.train.epochs, "train_samples": data.n_train, "test_samples": _test_count(data, cfg),
                "test_acc": test_acc, "wall_s": time.perf_counter() - started,
-               "train_samples_per_s": step * cfg.train.batch_size / train_time,
+               "train_samples_per_s": step * cfg.train.batch_size / train_time, "train_s": train_time,
+               "step_ms_per_rank": [train_time / step * 1e3], "peak_mem_mb_per_rank": [peak_memory_mb(device)],
                "threads": torch.get_num_threads()}
     write_json(run_dir / "summary.json", summary)
     return summary

@@ -1,0 +1,37 @@
+"""`hpcaux bench`: run the methods (runner), then the cost model, then the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hpcaux.bench.cost_model import GPU_MACS_PER_S, aux_scale_from_bench, project
+from hpcaux.bench.report import projection_header, projection_table, write_report
+from hpcaux.bench.runner import check_bench_dir, run_bench
+from hpcaux.bench.spec import load_bench
+from hpcaux.config import load_config
+
+
+def bench(bench_file: str, out: Path, quick: bool, reuse: bool, overwrite: bool, model_only: bool,
+          overrides: list[str]) -> str:
+    """Run the bench (or only the projection); returns what to print."""
+    spec = load_bench(bench_file)
+    cfg = load_config(spec.base, spec.overrides + overrides)
+    results_file = out / "results.json"
+    if model_only:
+        results = json.loads(results_file.read_text()) if results_file.exists() else None
+        projections = _projections(cfg, results)
+        out.mkdir(parents=True, exist_ok=True)
+        text = (f"{projection_header(projections['rate'], projections['aux_scale'])}\n\n"
+                f"{projection_table(projections['rows'])}\n")
+        (out / "cost_model.md").write_text(text)
+        return text
+    check_bench_dir(out, reuse, overwrite)
+    results = run_bench(spec, out, quick, reuse, overrides)
+    report = write_report(results, out, _projections(cfg, results))
+    return report.read_text()
+
+
+def _projections(cfg, results: dict | None) -> dict:
+    scale = aux_scale_from_bench(results, cfg.auxnet.width, cfg.auxnet.depth, cfg.model.arch) if results else 1.0
+    return {"rate": GPU_MACS_PER_S, "aux_scale": scale,
+            "rows": project(cfg.auxnet.width, cfg.auxnet.depth, GPU_MACS_PER_S, aux_scale=scale)}

@@ -1,0 +1,54 @@
+"""The methods `hpcaux bench` compares, as overrides of one base config.
+
+Every method trains the same model on the same data subset with the same seed, epochs,
+global batch and learning-rate schedule; only how the work is spread differs. K is the
+number of cores (ranks) the parallel methods get.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    ranks_per_k: bool  # K ranks (else one process)
+
+    def ranks(self, K: int) -> int:
+        return K if self.ranks_per_k else 1
+
+
+SERIAL_1 = Method("serial_1thread", "serial backprop, 1 process x 1 thread", False)
+SERIAL_K = Method("serial_kthreads", "serial backprop, 1 process x K threads", False)
+DATA_PARALLEL = Method("data_parallel", "data parallel, K ranks x 1 thread", True)
+PIPELINE = Method("pipeline", "pipeline (GPipe, torch.distributed.pipelining), K stages x 1 thread", True)
+LP_PENALTY = Method("lp_penalty", "hpcaux layer-parallel, penalty, K ranks x 1 thread", True)
+LP_AL = Method("lp_al", "hpcaux layer-parallel, augmented Lagrangian, K ranks x 1 thread", True)
+LP_AL_FINETUNE = Method("lp_al_finetune", "hpcaux layer-parallel, AL + hybrid fine-tune, K ranks x 1 thread", True)
+
+METHODS = {m.name: m for m in (SERIAL_1, SERIAL_K, DATA_PARALLEL, PIPELINE, LP_PENALTY, LP_AL, LP_AL_FINETUNE)}
+REFERENCE = SERIAL_1.name
+
+
+def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_epochs: int,
+                     backend: str) -> list[str]:
+    """What turns the base config into `method` (applied after the bench's own overrides)."""
+    finetune_epochs = max(1, min(finetune_epochs, epochs - 1))  # at least one epoch of each phase
+    serial = ["method=serial", "parallel.K=1", "parallel.D=1", "parallel.cuts=[]"]
+    layer_parallel = ["method=layer_parallel", f"parallel.K={K}", "parallel.D=1", "train.threads=1",
+                      f"comm.backend={backend}"]
+    return {
+        SERIAL_1.name: serial + ["train.threads=1"],
+        SERIAL_K.name: serial + [f"train.threads={K}"],
+        # train.batch_size is per replica: K replicas of batch/K make the same global batch.
+        DATA_PARALLEL.name: ["method=data_parallel", "parallel.K=1", "parallel.D=0", "parallel.cuts=[]",
+                             "train.threads=1", f"train.batch_size={batch // K}", f"comm.backend={backend}"],
+        PIPELINE.name: ["method=pipeline", f"parallel.K={K}", "parallel.D=1", "train.threads=1", "comm.backend=torch"],
+        LP_PENALTY.name: layer_parallel + ["lp.loss=penalty", "lp.multipliers=none", "lp.finetune_epochs=0"],
+        LP_AL.name: layer_parallel + ["lp.loss=al", "lp.multipliers=per_sample", "lp.finetune_epochs=0"],
+        # equal epochs in all: the fine-tune's epochs come out of the layer-parallel phase
+        LP_AL_FINETUNE.name: layer_parallel + ["lp.loss=al", "lp.multipliers=per_sample",
+                                               f"train.epochs={epochs - finetune_epochs}",
+                                               f"lp.finetune_epochs={finetune_epochs}"],
+    }[method.name]

@@ -1,0 +1,116 @@
+"""BENCH/results.md and the plots, from BENCH/results.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpcaux.bench.cost_model import BANDWIDTH_BPS, LATENCY_S, measured_vs_predicted
+
+
+def _ms(values) -> str:
+    return "/".join(f"{v:.0f}" for v in values) if values else "–"
+
+
+def results_table(results: dict) -> str:
+    ref = results["methods"][results["reference"]]
+    lines = ["| method | ranks × threads | samples/s | speedup vs 1 | step ms | stage ms per rank | "
+             "AuxNet ms | comm ms | idle ms | peak MB per rank | test acc | Δ acc vs 1 | epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, (name, rec) in enumerate(results["methods"].items(), start=1):
+        if "error" in rec:
+            lines.append(f"| {i}. {rec['label']} | {rec['ranks']} | failed: {rec['error']} |" + " |" * 10)
+            continue
+        speedup = rec["samples_per_s"] / ref["samples_per_s"] if "error" not in ref else float("nan")
+        diff = (rec["test_acc"] - ref["test_acc"]) * 100 if "error" not in ref else float("nan")
+        lines.append(
+            f"| {i}. {rec['label']} | {rec['ranks']} × {rec['threads']} | {rec['samples_per_s']:.0f} | "
+            f"{speedup:.2f}× | {rec['step_ms']:.0f} | {_ms(rec['stage_ms_per_rank'])} | {_ms(rec['aux_ms_per_rank'])} | "
+            f"{_ms(rec['comm_ms_per_rank'])} | {_ms(rec['idle_ms_per_rank'])} | {_ms(rec['peak_mem_mb_per_rank'])} | "
+            f"{rec['test_acc']:.4f} | {diff:+.2f} pt | {rec['epochs']} |")
+    return "\n".join(lines)
+
+
+def model_table(results: dict) -> str:
+    rows = measured_vs_predicted(results)
+    if not rows:
+        return "(no layer-parallel method finished)"
+    lines = ["| method | T_serial ms | T_stage ms (ideal T/K) | T_aux ms | T_comm ms | predicted (equal stages) | "
+             "predicted (measured stages) | measured | imbalance ms | contention ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['T_serial_ms']:.0f} | {_ms(r['T_stage_ms'])} ({r['ideal_stage_ms']:.0f}) | "
+                     f"{r['T_aux_ms']:.0f} | {r['T_comm_ms']:.0f} | {r['predicted_equal_stages']:.2f}× | "
+                     f"{r['predicted_measured_stages']:.2f}× | {r['measured']:.2f}× | {r['imbalance_ms']:.0f} | "
+                     f"{r['contention_ms']:.0f} |")
+    return "\n".join(lines)
+
+
+def projection_table(rows: list[dict]) -> str:
+    lines = ["| model | image | batch | K | T_serial ms | T_stage ms | T_aux ms | T_comm ms | allreduce MB | "
+             "projected speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {r['K']} | {r['T_serial_ms']:.1f} | "
+                     f"{r['T_stage_ms']:.1f} | {r['T_aux_ms']:.2f} | {r['T_comm_ms']:.3f} | {r['allreduce_MB']:.2f} | "
+                     f"{r['speedup']:.2f}× (of {r['ideal']}) |")
+    return "\n".join(lines)
+
+
+def projection_header(rate: float, aux_scale: float) -> str:
+    return (f"Compute at {rate / 1e12:.1f} TMAC/s (forward + backward = 3 × forward MACs); AuxNet time × "
+            f"{aux_scale:.1f} (its measured time per MAC relative to the stages, see below); ring allreduce at "
+            f"{BANDWIDTH_BPS / 1e9:.0f} GB/s and {LATENCY_S * 1e6:.0f} µs per message.")
+
+
+def write_report(results: dict, out: Path, projections: dict | None = None) -> Path:
+    m = results["machine"]
+    text = [f"# hpcaux bench: {Path(results['base']).name}, K = {results['K']}"
+            f"{' (quick mode)' if results['quick'] else ''}", "",
+            f"Command: `{results['command']}`", "",
+            f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; torch {m['torch']}, "
+            f"Python {m['python']}. Date: {results['date']}.", "",
+            f"Every method: {results['train_subset'] or 'all'} training images, {results['epochs']} epochs, global "
+            f"batch {results['batch_size']}, the same seed and schedule; overrides {results['overrides']}. "
+            "Speedup and Δ accuracy are against method 1. Step ms = global batch / samples per second; "
+            "idle = a rank's allreduce time above the fastest rank's (waiting for the slowest stage).", "",
+            results_table(results), "",
+            "## Cost model (DESIGN.md section 6) against the measurement", "",
+            model_table(results), ""]
+    if projections:
+        text += ["## Projection", "", projection_header(projections["rate"], projections["aux_scale"]), "",
+                 projection_table(projections["rows"]), ""]
+    text += ["![samples per second](throughput.png)", "", "![accuracy against training time](accuracy_vs_time.png)", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(text))
+    _plots(results, out)
+    return path
+
+
+def _plots(results: dict, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = {n: r for n, r in results["methods"].items() if "error" not in r}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(done)
+    ax.barh(names, [done[n]["samples_per_s"] for n in names], color="tab:blue")
+    ref = done.get(results["reference"])
+    for i, n in enumerate(names):
+        label = f"{done[n]['samples_per_s']:.0f}" + (f" ({done[n]['samples_per_s'] / ref['samples_per_s']:.2f}×)" if ref else "")
+        ax.text(done[n]["samples_per_s"], i, " " + label, va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training samples per second")
+    ax.set_title(f"K = {results['K']}: throughput")
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, r in done.items():
+        xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(xs, ys, marker="o", ms=3, label=n)
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("held-out accuracy (composed network)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_time.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""The bench file (configs/bench_*.yaml): which base config, K, methods and overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hpcaux.bench.methods import METHODS, REFERENCE
+from hpcaux.errors import UserError
+
+
+@dataclass
+class BenchSpec:
+    base: Path
+    K: int = 2
+    backend: str = "horovod"
+    finetune_epochs: int = 2
+    methods: list = field(default_factory=lambda: list(METHODS))
+    overrides: list = field(default_factory=list)
+    quick: list = field(default_factory=list)
+    launcher: str = "mpirun -np {ranks} --bind-to none"
+
+
+def load_bench(path: str | Path) -> BenchSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"bench file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"bench file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    known = set(BenchSpec.__dataclass_fields__)
+    unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
+    if unknown:
+        raise UserError(f"bench file {path} has unknown keys {unknown}; known: {sorted(known)}")
+    if "base" not in raw:
+        raise UserError(f"bench file {path} needs 'base:', the training config the methods share")
+    spec = BenchSpec(**{**raw, "base": (path.parent / raw["base"]).resolve()})
+    bad = [m for m in spec.methods if m not in METHODS]
+    if bad:
+        raise UserError(f"bench file {path}: unknown methods {bad}; known: {list(METHODS)}")
+    if REFERENCE not in spec.methods:
+        raise UserError(f"bench file {path}: methods must include {REFERENCE}, the reference of every ratio")
+    if not isinstance(spec.K, int) or spec.K < 2:
+        raise UserError(f"bench file {path}: K must be an integer >= 2, got {spec.K!r}")
+    if "{ranks}" not in spec.launcher:
+        raise UserError(f"bench file {path}: launcher must contain {{ranks}}, got {spec.launcher!r}")
+    return spec

@@ -1,0 +1,196 @@
+"""The distributed baselines `hpcaux bench` compares layer-parallel training with.
+
+* data_parallel: D replicas of the whole network, each on 1/D of the batch
+  (`train.batch_size` is per replica), gradients averaged by Horovod's
+  DistributedOptimizer (comm.backend horovod) or DistributedDataParallel (torch), both
+  of which overlap the allreduce with the backward pass.
+* pipeline: the network cut into K stages (the same cut as layer-parallel training,
+  without boundary normalisation: this is the serial network), trained by GPipe-style
+  micro-batching with torch.distributed.pipelining (comm.backend torch).
+
+Both are exact backprop of the serial network, so their accuracy is serial's up to
+BatchNorm batch statistics (per replica / per micro-batch). They log what the serial
+and layer-parallel trainers log, so the bench reads every method alike.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hpcaux.data.sets import load_data
+from hpcaux.errors import UserError
+from hpcaux.models import build_model
+from hpcaux.models.partition import boundary_shapes, make_stages
+from hpcaux.train.composed import StageChain
+from hpcaux.train.evaluate import evaluate_model
+from hpcaux.train.layout import Layout
+from hpcaux.train.progress import Progress
+from hpcaux.train.rundir import MetricsLog, write_json
+from hpcaux.train.runtime import peak_memory_mb, seed_everything
+from hpcaux.train.schedules import learning_rate, set_lr
+from hpcaux.train.serial import make_optimizer
+
+
+class BaselineTrainer:
+    """The shared loop: lr schedule, per-epoch held-out accuracy, summary. Subclasses
+    provide `replicas`, `_step(x, y)` and `_accuracy(subset)`."""
+
+    method = ""
+    replicas = 1
+
+    def __init__(self, cfg, run_dir: Path, comm, device, create_run):
+        self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
+        self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg.model.arch, self.data.num_classes).to(device)
+        self.create_run = create_run
+
+    def _batches(self, epoch: int):
+        raise NotImplementedError
+
+    def run(self) -> dict:
+        cfg, is_root = self.cfg, self.comm.rank == 0
+        self.comm.agree(lambda: self.create_run() if is_root else None, "creating the run directory")
+        log = MetricsLog(self.run_dir, fresh=True) if is_root else None
+        steps = self.data.steps_per_epoch(cfg.train.batch_size, self.replicas)
+        total = steps * cfg.train.epochs
+        progress = Progress(total, cfg.train.progress, self.comm.rank)
+        started, train_time, step, step_s = time.perf_counter(), 0.0, 0, 0.0
+        for epoch in range(cfg.train.epochs):
+            epoch_start = time.perf_counter()
+            for x, y in self._batches(epoch):
+                lr = learning_rate(cfg.optim, step, total, steps)
+                set_lr(self.optimizer, lr)
+                self.comm.watchdog.context["step"] = step
+                t0 = time.perf_counter()
+                self._step(x, y)
+                step_s += time.perf_counter() - t0
+                step += 1
+                progress.update(f"ep {epoch + 1}")
+            epoch_s = time.perf_counter() - epoch_start
+            train_time += epoch_s
+            acc = self._accuracy(cfg.data.eval_subset)
+            record = {"epoch": epoch + 1, "phase": self.method, "eval_acc": acc, "lr": lr, "epoch_s": epoch_s,
+                      "samples_per_s": steps * cfg.train.batch_size * self.replicas / epoch_s}
+            if is_root:
+                log.append(record)
+                progress.note(f"epoch {epoch + 1} [{self.method}]: eval acc {acc:.3f} "
+                              f"({record['samples_per_s']:.0f} samples/s)")
+        progress.close()
+        test_acc = self._accuracy(cfg.data.test_subset)
+        per_rank = self._gather([step_s / max(step, 1) * 1e3, peak_memory_mb(self.device)])
+        summary = {"method": self.method, "model": cfg.model.arch, "dataset": cfg.data.dataset,
+                   "K": cfg.parallel.K, "D": self.replicas, "epochs": cfg.train.epochs,
+                   "train_samples": self.data.n_train, "test_acc": test_acc, "wall_s": time.perf_counter() - started,
+                   "train_s": train_time, "train_samples_per_s": step * cfg.train.batch_size * self.replicas / train_time,
+                   "step_ms_per_rank": per_rank[:, 0].tolist(), "peak_mem_mb_per_rank": per_rank[:, 1].tolist(),
+                   "threads": torch.get_num_threads(), "backend": self.comm.name, **self._extra_summary()}
+        if is_root:
+            write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _gather(self, values: list[float]) -> torch.Tensor:
+        table = torch.zeros(self.comm.size, len(values), dtype=torch.float64)
+        table[self.comm.rank] = torch.tensor(values, dtype=torch.float64)
+        self.comm.allreduce([table], op="sum", what="allreduce per-rank statistics")
+        return table
+
+    def _extra_summary(self) -> dict:
+        return {}
+
+
+class DataParallelTrainer(BaselineTrainer):
+    method = "data_parallel"
+
+    def __init__(self, cfg, run_dir, comm, device, create_run):
+        if cfg.parallel.K != 1:
+            raise UserError("config key 'parallel.K' must be 1 for method: data_parallel (replicas are parallel.D)")
+        self.layout = Layout.for_world(1, cfg.parallel.D, comm.rank, comm.size)
+        self.replicas = self.layout.D
+        super().__init__(cfg, run_dir, comm, device, create_run)
+        optimizer = make_optimizer(self.model.parameters(), cfg.optim)
+        if comm.name == "horovod":
+            import horovod.torch as hvd
+            hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+            self.optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters())
+            self.net = self.model
+        elif comm.name == "torch":
+            self.optimizer = optimizer
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model)
+        else:
+            raise UserError(f"method data_parallel needs comm.backend horovod or torch, not {comm.name}")
+
+    def _batches(self, epoch):
+        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                               augment=self.cfg.data.augment, device=self.device,
+                                               replica=self.layout.replica, replicas=self.replicas):
+            yield x, y
+
+    def _step(self, x, y):
+        self.optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no set_to_none
+        with self.comm.watchdog.guard("data-parallel step (gradient allreduce)", self.layout.stage_ranks(0)):
+            F.cross_entropy(self.net(x), y).backward()
+            self.optimizer.step()
+
+    def _accuracy(self, subset):
+        """Rank 0 evaluates (the replicas are identical); the others learn the result."""
+        acc = None
+        if self.comm.rank == 0:
+            acc = evaluate_model(self.model, self.data, self.cfg.train.eval_batch_size, self.device,
+                                 subset=subset, seed=self.cfg.seed)
+        return self.comm.broadcast_object(acc, root=0)
+
+
+class PipelineTrainer(BaselineTrainer):
+    method = "pipeline"
+
+    def __init__(self, cfg, run_dir, comm, device, create_run):
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        from hpcaux.train.layer_parallel import agree_on_cuts
+
+        if comm.name != "torch":
+            raise UserError(f"method pipeline needs comm.backend torch (torch.distributed.pipelining), not {comm.name}")
+        self.layout = Layout.for_world(cfg.parallel.K, 1, comm.rank, comm.size)
+        super().__init__(cfg, run_dir, comm, device, create_run)
+        self.cuts = agree_on_cuts(cfg, comm, self.model, self.data, device)
+        stages = make_stages(self.model, self.cuts, boundary_norm=False)
+        shapes = boundary_shapes(stages, self.data.image_shape, device)
+        self.stage = stages[self.layout.stage]
+        self.optimizer = make_optimizer(self.stage.parameters(), cfg.optim)
+        pipe_stage = PipelineStage(self.stage, self.layout.stage, cfg.parallel.K, device)
+        self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=cfg.parallel.microbatches,
+                                      loss_fn=lambda out, y: F.cross_entropy(out, y))
+        self.chain = StageChain(comm, self.layout, self.stage, shapes, device)
+
+    def _batches(self, epoch):
+        """Every rank draws the same batch: stage 0 feeds the images, the last stage the labels."""
+        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                               augment=self.cfg.data.augment, device=self.device):
+            yield x, y
+
+    def _step(self, x, y):
+        lay = self.layout
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.comm.watchdog.guard("pipeline step (micro-batch send/recv)", [lay.rank_of(k) for k in range(lay.K)]):
+            if lay.is_first:
+                self.schedule.step(x)
+            elif lay.is_last:
+                self.schedule.step(target=y)
+            else:
+                self.schedule.step()
+        self.optimizer.step()
+
+    def _accuracy(self, subset):
+        batches = self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,
+                                         seed=self.cfg.seed)
+        correct, total = self.chain.correct_count(batches)
+        stats = torch.tensor([correct, total], dtype=torch.float64)
+        self.comm.allreduce([stats], op="sum", what="allreduce held-out accuracy")
+        return (stats[0] / stats[1]).item()
+
+    def _extra_summary(self):
+        return {"cuts": self.cuts, "microbatches": self.cfg.parallel.microbatches}
