@@ -14,6 +14,9 @@ class Method:
     name: str
     label: str
     ranks_per_k: bool  # K ranks (else one process)
+    kind: str = ""  # the built-in method a variant changes ("" for the built-ins themselves)
+    extra: tuple = ()  # a variant's overrides, after the built-in's
+    finetune_epochs: int | None = None  # a variant's own fine-tune length
 
     def ranks(self, K: int) -> int:
         return K if self.ranks_per_k else 1
@@ -31,9 +34,19 @@ METHODS = {m.name: m for m in (SERIAL_1, SERIAL_K, DATA_PARALLEL, PIPELINE, LP_P
 REFERENCE = SERIAL_1.name
 
 
+def variant(name: str, kind: str, overrides: list[str], finetune_epochs: int | None = None) -> Method:
+    """A bench file's own method: a built-in one with more overrides (the accuracy ablation)."""
+    base = METHODS[kind]
+    what = ", ".join(overrides + ([f"{finetune_epochs} fine-tune epochs"] if finetune_epochs else []))
+    return Method(name, f"{base.label}; {what}", base.ranks_per_k, kind, tuple(overrides), finetune_epochs)
+
+
 def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_epochs: int,
                      backend: str) -> list[str]:
     """What turns the base config into `method` (applied after the bench's own overrides)."""
+    if method.kind:
+        return method_overrides(METHODS[method.kind], K, batch, epochs, method.finetune_epochs or finetune_epochs,
+                                backend) + list(method.extra)
     finetune_epochs = max(1, min(finetune_epochs, epochs - 1))  # at least one epoch of each phase
     serial = ["method=serial", "parallel.K=1", "parallel.D=1", "parallel.cuts=[]"]
     layer_parallel = ["method=layer_parallel", f"parallel.K={K}", "parallel.D=1", "train.threads=1",

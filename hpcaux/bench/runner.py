@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hpcaux.bench.methods import METHODS, REFERENCE, method_overrides
+from hpcaux.bench.methods import REFERENCE, method_overrides
 from hpcaux.bench.spec import BenchSpec
 from hpcaux.config import load_config
 from hpcaux.errors import UserError
@@ -35,7 +35,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
     shared = spec.overrides + (spec.quick if quick else []) + extra
     cfg = load_config(spec.base, shared)  # a bad override fails here, before any run
     for name in spec.methods:
-        load_config(spec.base, shared + method_overrides(METHODS[name], spec.K, cfg.train.batch_size,
+        load_config(spec.base, shared + method_overrides(spec.method(name), spec.K, cfg.train.batch_size,
                                                          cfg.train.epochs, spec.finetune_epochs, spec.backend))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -52,7 +52,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
 
 
 def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool) -> dict:
-    method = METHODS[name]
+    method = spec.method(name)
     run_dir = out / "runs" / name
     record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K)}
     if reuse and (run_dir / "summary.json").exists():

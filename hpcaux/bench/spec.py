@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from hpcaux.bench.methods import METHODS, REFERENCE
+from hpcaux.bench.methods import METHODS, REFERENCE, Method, variant
 from hpcaux.errors import UserError
 
 
@@ -20,6 +20,12 @@ class BenchSpec:
     overrides: list = field(default_factory=list)
     quick: list = field(default_factory=list)
     launcher: str = "mpirun -np {ranks} --bind-to none"
+    variants: dict = field(default_factory=dict)  # name: {method, overrides, finetune_epochs}
+    _variants: dict = field(default_factory=dict, init=False, repr=False)  # name: Method, built by load_bench
+
+    def method(self, name: str) -> Method:
+        """A built-in method or one of this file's variants."""
+        return METHODS.get(name) or self._variants[name]
 
 
 def load_bench(path: str | Path) -> BenchSpec:
@@ -37,7 +43,12 @@ def load_bench(path: str | Path) -> BenchSpec:
     if "base" not in raw:
         raise UserError(f"bench file {path} needs 'base:', the training config the methods share")
     spec = BenchSpec(**{**raw, "base": (path.parent / raw["base"]).resolve()})
-    bad = [m for m in spec.methods if m not in METHODS]
+    for name, v in (spec.variants or {}).items():
+        if not isinstance(v, dict) or v.get("method") not in METHODS or set(v) - {"method", "overrides", "finetune_epochs"}:
+            raise UserError(f"bench file {path}: variant {name} needs method: one of {list(METHODS)}, "
+                            f"and only overrides: [...] and finetune_epochs: N besides")
+        spec._variants[name] = variant(name, v["method"], list(v.get("overrides", [])), v.get("finetune_epochs"))
+    bad = [m for m in spec.methods if m not in METHODS and m not in spec._variants]
     if bad:
         raise UserError(f"bench file {path}: unknown methods {bad}; known: {list(METHODS)}")
     if REFERENCE not in spec.methods:
