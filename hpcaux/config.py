@@ -257,22 +257,27 @@ def _check_consistency(cfg: Config):
         raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that must hold a mapping, with one clear line for each way it can fail."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {path} is not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
     """Defaults, then the YAML file, then `key=value` overrides; validated as a whole."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {path} is not valid YAML{where}") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
-        for key, value in _flatten(tree).items():
+        for key, value in _flatten(read_yaml_mapping(path, "config file")).items():
             _set(cfg, key, value)
     for text in overrides:
         _set(cfg, *parse_override(text))

@@ -77,7 +77,8 @@ def write_report(results: dict, out: Path, projections: dict | None = None) -> P
     if projections:
         text += ["## Projection", "", projection_header(projections["rate"], projections["aux_scale"]), "",
                  projection_table(projections["rows"]), ""]
-    text += ["![samples per second](throughput.png)", "", "![accuracy against training time](accuracy_vs_time.png)", ""]
+    text += ["![samples per second](throughput.png)", "", "![accuracy against training time](accuracy_vs_time.png)", "",
+             "![accuracy against speedup](accuracy_vs_speedup.png)", ""]
     path = out / "results.md"
     path.write_text("\n".join(text))
     _plots(results, out)
@@ -114,3 +115,17 @@ def _plots(results: dict, out: Path):
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_time.png", dpi=120)
     plt.close(fig)
+    if ref:  # every method a point: what each buys in accuracy for what it gives in speed
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n, r in done.items():
+            x, y = r["samples_per_s"] / ref["samples_per_s"], (r["test_acc"] - ref["test_acc"]) * 100
+            ax.scatter(x, y, color="tab:red" if n.startswith("lp") else "tab:gray")
+            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.axhline(-1, color="k", lw=0.5, ls=":")
+        ax.set_xlabel(f"speedup over {results['reference']}")
+        ax.set_ylabel("test accuracy − serial backprop (points)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_speedup.png", dpi=120)
+        plt.close(fig)

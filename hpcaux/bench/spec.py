@@ -4,9 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from hpcaux.bench.methods import METHODS, REFERENCE, Method, variant
+from hpcaux.config import read_yaml_mapping
 from hpcaux.errors import UserError
 
 
@@ -30,14 +29,9 @@ class BenchSpec:
 
 def load_bench(path: str | Path) -> BenchSpec:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"bench file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"bench file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    known = set(BenchSpec.__dataclass_fields__)
-    unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
+    raw = read_yaml_mapping(path, "bench file")
+    known = set(BenchSpec.__dataclass_fields__) - {"_variants"}
+    unknown = sorted(set(raw) - known)
     if unknown:
         raise UserError(f"bench file {path} has unknown keys {unknown}; known: {sorted(known)}")
     if "base" not in raw:

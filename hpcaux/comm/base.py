@@ -111,6 +111,13 @@ class Comm(abc.ABC):
         self.broadcast([buf], root, what="broadcast_object")
         return pickle.loads(buf.numpy().tobytes())
 
+    def gather_table(self, values: list[float]) -> torch.Tensor:
+        """A (world x len(values)) float64 table with every rank's values (logs, summaries)."""
+        table = torch.zeros(self.size, len(values), dtype=torch.float64)
+        table[self.rank] = torch.tensor(values, dtype=torch.float64)
+        self.allreduce([table], op="sum", what="allreduce per-rank statistics")
+        return table
+
     def agree(self, check, what: str):
         """Run a check that may fail on some ranks only; fail on all ranks alike.
 

@@ -81,7 +81,7 @@ class BaselineTrainer:
                               f"({record['samples_per_s']:.0f} samples/s)")
         progress.close()
         test_acc = self._accuracy(cfg.data.test_subset)
-        per_rank = self._gather([step_s / max(step, 1) * 1e3, peak_memory_mb(self.device)])
+        per_rank = self.comm.gather_table([step_s / max(step, 1) * 1e3, peak_memory_mb(self.device)])
         summary = {"method": self.method, "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": cfg.parallel.K, "D": self.replicas, "epochs": cfg.train.epochs,
                    "train_samples": self.data.n_train, "test_acc": test_acc, "wall_s": time.perf_counter() - started,
@@ -91,12 +91,6 @@ class BaselineTrainer:
         if is_root:
             write_json(self.run_dir / "summary.json", summary)
         return summary
-
-    def _gather(self, values: list[float]) -> torch.Tensor:
-        table = torch.zeros(self.comm.size, len(values), dtype=torch.float64)
-        table[self.comm.rank] = torch.tensor(values, dtype=torch.float64)
-        self.comm.allreduce([table], op="sum", what="allreduce per-rank statistics")
-        return table
 
     def _extra_summary(self) -> dict:
         return {}

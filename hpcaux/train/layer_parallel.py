@@ -323,13 +323,6 @@ class LayerParallelTrainer:
             result["rel_gap"] = [(stats[2 * k] / stats[2 * k + 1]).item() for k in range(K - 1)]
         return result
 
-    def gather_per_rank(self, values: list[float]) -> torch.Tensor:
-        """A (world x len(values)) table with every rank's values (for logs)."""
-        table = torch.zeros(self.comm.size, len(values), dtype=torch.float64)
-        table[self.comm.rank] = torch.tensor(values, dtype=torch.float64)
-        self.comm.allreduce([table], op="sum", what="allreduce per-rank statistics")
-        return table
-
     # --- the run -----------------------------------------------------------------------
     def _batches(self, epoch, augment):
         return self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch, augment=augment,
@@ -431,7 +424,7 @@ class LayerParallelTrainer:
             train_time += epoch_s
             metrics = self.held_out_metrics(cfg.data.eval_subset)
             mult, zs = self.epoch_stats["multiplier"], self.epoch_stats["z"]
-            per_rank = self.gather_per_rank([sums["loss"] / done, sums["gap_num"] / max(sums["gap_den"], 1e-12),
+            per_rank = self.comm.gather_table([sums["loss"] / done, sums["gap_num"] / max(sums["gap_den"], 1e-12),
                                              *(timers[k] / steps_here for k in TIMERS),
                                              mult.rms(), zs.mean(), zs.std()])
             owners = per_rank[:lay.K - 1]  # stage k of replica 0 owns boundary k
@@ -456,7 +449,7 @@ class LayerParallelTrainer:
         final = self.held_out_metrics(cfg.data.test_subset)
         self.save("final", last_epoch, "done")
         self.store.close(self.comm.barrier)
-        per_rank = self.gather_per_rank([timers[k] / max(steps_here, 1) for k in TIMERS] + [peak_memory_mb(self.device)])
+        per_rank = self.comm.gather_table([timers[k] / max(steps_here, 1) for k in TIMERS] + [peak_memory_mb(self.device)])
         summary = {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": lay.K, "D": lay.D, "cuts": self.cuts, "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
                    "epochs": epochs, "finetune_epochs": ft_epochs, "train_samples": self.data.n_train,
@@ -518,7 +511,7 @@ class LayerParallelTrainer:
             epoch_s = time.perf_counter() - start
             elapsed += epoch_s
             metrics = self.held_out_metrics(self.cfg.data.eval_subset)
-            losses = self.gather_per_rank([loss_sum / done])
+            losses = self.comm.gather_table([loss_sum / done])
             record = {"epoch": epoch + 1, "phase": "finetune", "stage_loss": [0.0] * (lay.K - 1) + [losses[lay.K - 1, 0].item()],
                       **metrics, "step_ms": [epoch_s / done * 1e3] * self.comm.size,
                       "samples_per_s": done * cfg.train.batch_size * lay.D / epoch_s, "epoch_s": epoch_s}
