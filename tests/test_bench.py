@@ -33,6 +33,7 @@ def test_bench_runs_every_method_and_writes_the_report(tmp_path, cifar_root):
     report = (out / "results.md").read_text()
     assert "| 1. serial backprop, 1 process x 1 thread | 1 × 1 |" in report and "1.00×" in report
     assert "## Cost model" in report and "| lp_penalty |" in report and "| resnet50 | 224 |" in report
+    assert "## Accuracy" in report and "| lp_al_finetune |" in report
     for png in ("throughput.png", "accuracy_vs_time.png", "accuracy_vs_speedup.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "| 1. serial backprop" in proc.stdout

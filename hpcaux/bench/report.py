@@ -29,6 +29,22 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_table(results: dict) -> str:
+    """The accuracy view of the layer-parallel methods (docs/accuracy.md)."""
+    ref = results["methods"][results["reference"]]
+    lines = ["| method | test acc (composed) | Δ vs serial | AuxNet-path acc | relative gap per boundary | "
+             "AuxNet / stage time | speedup |", "|---|---|---|---|---|---|---|"]
+    for name, rec in results["methods"].items():
+        if "error" in rec or "error" in ref:
+            continue
+        aux = f"{rec['auxnet_path_acc']:.4f}" if rec.get("auxnet_path_acc") is not None else "–"
+        gaps = ", ".join(f"{g:.3f}" for g in rec["final_rel_gap"]) if rec.get("final_rel_gap") else "–"
+        cost = f"{rec['aux_fraction_of_stage']:.3f}" if rec.get("aux_fraction_of_stage") is not None else "–"
+        lines.append(f"| {name} | {rec['test_acc']:.4f} | {(rec['test_acc'] - ref['test_acc']) * 100:+.2f} pt | {aux} | "
+                     f"{gaps} | {cost} | {rec['samples_per_s'] / ref['samples_per_s']:.2f}× |")
+    return "\n".join(lines)
+
+
 def model_table(results: dict) -> str:
     rows = measured_vs_predicted(results)
     if not rows:
@@ -72,6 +88,12 @@ def write_report(results: dict, out: Path, projections: dict | None = None) -> P
             "Speedup and Δ accuracy are against method 1. Step ms = global batch / samples per second; "
             "idle = a rank's allreduce time above the fastest rank's (waiting for the slowest stage).", "",
             results_table(results), "",
+            "## Accuracy", "",
+            "Composed = the network a user gets, evaluated as F_K ∘ … ∘ F_1; AuxNet path = the last stage fed "
+            "by the AuxNet; relative gap = ‖F_k(z_(k-1)) − z_k‖ / ‖z_k‖ on held-out images; AuxNet / stage = the "
+            "AuxNet's share of a step against the stage's (largest over ranks); speedup over the whole run, "
+            "fine-tune epochs included.", "",
+            accuracy_table(results), "",
             "## Cost model (DESIGN.md section 6) against the measurement", "",
             model_table(results), ""]
     if projections:
