@@ -35,8 +35,8 @@ from hpcaux.train.serial import make_optimizer
 
 
 class BaselineTrainer:
-    """The shared loop: lr schedule, per-epoch held-out accuracy, summary. Subclasses
-    provide `replicas`, `_step(x, y)` and `_accuracy(subset)`."""
+    """The shared loop: batches, lr schedule, per-epoch held-out accuracy, summary.
+    Subclasses provide `layout`, `replicas`, `_step(x, y)` and `_accuracy(subset)`."""
 
     method = ""
     replicas = 1
@@ -49,7 +49,12 @@ class BaselineTrainer:
         self.create_run = create_run
 
     def _batches(self, epoch: int):
-        raise NotImplementedError
+        """This replica's share of the epoch. The pipeline has one replica: every rank
+        draws the same batch, stage 0 feeds its images and the last stage its labels."""
+        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                               augment=self.cfg.data.augment, device=self.device,
+                                               replica=self.layout.replica, replicas=self.replicas):
+            yield x, y
 
     def run(self) -> dict:
         cfg, is_root = self.cfg, self.comm.rank == 0
@@ -117,12 +122,6 @@ class DataParallelTrainer(BaselineTrainer):
         else:
             raise UserError(f"method data_parallel needs comm.backend horovod or torch, not {comm.name}")
 
-    def _batches(self, epoch):
-        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
-                                               augment=self.cfg.data.augment, device=self.device,
-                                               replica=self.layout.replica, replicas=self.replicas):
-            yield x, y
-
     def _step(self, x, y):
         self.optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no set_to_none
         with self.comm.watchdog.guard("data-parallel step (gradient allreduce)", self.layout.stage_ranks(0)):
@@ -159,12 +158,6 @@ class PipelineTrainer(BaselineTrainer):
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=cfg.parallel.microbatches,
                                       loss_fn=lambda out, y: F.cross_entropy(out, y))
         self.chain = StageChain(comm, self.layout, self.stage, shapes, device)
-
-    def _batches(self, epoch):
-        """Every rank draws the same batch: stage 0 feeds the images, the last stage the labels."""
-        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
-                                               augment=self.cfg.data.augment, device=self.device):
-            yield x, y
 
     def _step(self, x, y):
         lay = self.layout
