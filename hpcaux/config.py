@@ -87,7 +87,7 @@ class AuxNetConfig:
 
 @dataclass
 class LayerParallelConfig:
-    """The joint objective of DESIGN.md section 1."""
+    """The joint objective of docs/design.md §1."""
     loss: str = field(default="penalty", metadata={"choices": ("penalty", "al")})
     rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
     rho_growth: float = field(default=1.2, metadata={"min": 1.0, "help": "rho *= rho_growth after every epoch"})
@@ -102,7 +102,7 @@ class LayerParallelConfig:
 
 @dataclass
 class StoreConfig:
-    """RUN/aux.h5 (DESIGN.md section 4)."""
+    """RUN/aux.h5 (docs/design.md §4)."""
     mode: str = field(default="auto", metadata={"choices": ("auto", "mpio", "per_rank"), "help": "auto: one shared file via parallel HDF5 where h5py has it and MPI launched the job, else per-rank files joined by a virtual index"})
     float16: bool = field(default=False, metadata={"help": "store z and lambda as float16"})
     probe_size: int = field(default=64, metadata={"min": 0, "help": "held-out images whose AuxNet outputs are snapshot every epoch"})

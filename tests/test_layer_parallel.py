@@ -83,7 +83,7 @@ def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(tmp_path, cifar_r
 
 def test_short_real_run_learns_and_composed_follows_auxnet_path(tmp_path, cifar_root):
     """The collapse check: without boundary normalisation composed accuracy falls far below
-    the AuxNet path (DESIGN.md section 1); here it must be well above chance and close to it."""
+    the AuxNet path (docs/design.md §1); here it must be well above chance and close to it."""
     _, summary, metrics, _ = _lp_run(tmp_path, cifar_root, 2, "data.train_subset=3000", "train.epochs=5",
                                      "data.eval_subset=1000", "data.test_subset=2000", "parallel.cuts=[4]",
                                      timeout=600)

@@ -1,9 +1,9 @@
-"""The speed model of DESIGN.md section 6, measured and projected.
+"""The speed model of docs/design.md §6, measured and projected.
 
     speedup(K) = T_serial / (T_aux + max_k T_stage_k + T_comm)
 
 with T_serial = T_f + T_b of the whole network. With equal stages max_k T_stage_k is
-T_serial / K, which gives DESIGN.md's formula; measured stages are not equal (the cut
+T_serial / K, which gives docs/design.md's formula; measured stages are not equal (the cut
 is made of whole blocks) and on a shared CPU each stage also runs slower than its share
 of the serial step (memory bandwidth), so the bench reports both effects.
 

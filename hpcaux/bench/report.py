@@ -94,7 +94,7 @@ def write_report(results: dict, out: Path, projections: dict | None = None) -> P
             "AuxNet's share of a step against the stage's (largest over ranks); speedup over the whole run, "
             "fine-tune epochs included.", "",
             accuracy_table(results), "",
-            "## Cost model (DESIGN.md section 6) against the measurement", "",
+            "## Cost model (docs/design.md §6) against the measurement", "",
             model_table(results), ""]
     if projections:
         text += ["## Projection", "", projection_header(projections["rate"], projections["aux_scale"]), "",

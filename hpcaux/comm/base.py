@@ -1,4 +1,4 @@
-"""The collective interface every hpcaux module talks to (DESIGN.md section 2).
+"""The collective interface every hpcaux module talks to (docs/design.md §2).
 
 Backends implement a handful of primitives on a single flat tensor; this base class
 packs tensor lists into one buffer (one collective per call, however many tensors), and

@@ -1,7 +1,7 @@
 """The auxiliary-variable network: predicts every stage boundary's activation from x.
 
 Its forward+backward runs on every rank every step, so its cost bounds the speedup
-(DESIGN.md section 6). It is therefore a shallow trunk at reduced resolution with one
+(docs/design.md §6). It is therefore a shallow trunk at reduced resolution with one
 narrow head per boundary: a 1x1 convolution matches the channels, the resolution is
 matched by pooling or bilinear upsampling, and a BoundaryNorm ends the head so that the
 prediction lives on the same scale as the stage output it is compared with. Heads have

@@ -2,7 +2,7 @@
 
 `BlockSequence` is an nn.Sequential whose children are the units a partition may cut
 between. `BoundaryNorm` is the parameter-free per-sample normalisation that ends every
-stage output feeding another stage and every AuxNet head (DESIGN.md section 1): without
+stage output feeding another stage and every AuxNet head (docs/design.md §1): without
 it the consistency penalty is met by shrinking activations and the composed network
 collapses.
 """

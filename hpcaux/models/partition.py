@@ -2,11 +2,11 @@
 
 A stage is a view of the model's own block modules (no copies), so composing the stages
 of an unnormalised partition is exactly the unsplit model. For layer-parallel training
-each non-final stage ends in a BoundaryNorm (DESIGN.md section 1).
+each non-final stage ends in a BoundaryNorm (docs/design.md §1).
 
 Balance matters: the slowest stage sets the step time. The default cost is measured
 forward+backward time per block, because block counts mislead (on a CPU the
-full-resolution blocks of ResNet-20 cost about twice the others, DESIGN.md section 6).
+full-resolution blocks of ResNet-20 cost about twice the others, docs/design.md §6).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """RUN/aux.h5: auxiliary variables, multipliers, AuxNet snapshots and metric series.
 
-Layout (DESIGN.md section 4):
+Layout (docs/design.md §4):
 
     /meta                         attrs: config (YAML), version, K, D, dataset, git sha, mode
     /boundary_{k}/z               (N, C, H, W) stored auxiliary variables  (aux_source: stored)

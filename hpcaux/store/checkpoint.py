@@ -1,6 +1,6 @@
 """Checkpoints: one file per stage, a manifest, and an atomically moved `latest`.
 
-Layout (DESIGN.md section 5): RUN/ckpt/<tag>/{stage_k.pt, auxnet.pt, model.pt,
+Layout (docs/design.md §5): RUN/ckpt/<tag>/{stage_k.pt, auxnet.pt, model.pt,
 manifest.json} and RUN/ckpt/latest, a symlink to the newest complete <tag>. Every rank
 writes its own files, all wait, and only then does rank 0 write the manifest and swap
 `latest` — so `latest` never names a half-written checkpoint.

@@ -1,4 +1,4 @@
-"""Layer-parallel training with an auxiliary-variable network (DESIGN.md sections 1-2).
+"""Layer-parallel training with an auxiliary-variable network (docs/design.md §1–§2).
 
 Rank r owns stage r mod K of replica r div K. Every step, each rank
   1. runs the AuxNet heads it needs (A_{k-1}(x) as its input, A_k(x) as its target),

@@ -1,4 +1,4 @@
-"""Each rank's term of the joint objective of DESIGN.md section 1.
+"""Each rank's term of the joint objective of docs/design.md §1.
 
     L = CE(F_K(A_{K-1}(x)), y)
       + sum_{k<K} [ rho/2 * mean((F_k(A_{k-1}(x)) - A_k(x))^2)

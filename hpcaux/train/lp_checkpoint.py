@@ -1,4 +1,4 @@
-"""Saving and restoring a layer-parallel trainer (DESIGN.md section 5).
+"""Saving and restoring a layer-parallel trainer (docs/design.md §5).
 
 RUN/ckpt/<tag>/stage_k.pt holds stage k's weights, its local classifier and optimiser
 state (written by stage k of replica 0: the replicas are identical); auxnet.pt holds the

@@ -4,7 +4,7 @@ SLURM sends SIGUSR1 ahead of a time limit or preemption (`#SBATCH --signal=USR1@
 and SIGTERM when it ends a job; mpirun forwards SIGUSR1 to every rank. A signal reaches
 the ranks at different moments, so the handler only raises a flag: the trainer carries the
 flag inside the step's world allreduce (layer-parallel) and every rank sees the same
-verdict after the same step, finishes it, and all save together (DESIGN.md section 5).
+verdict after the same step, finishes it, and all save together (docs/design.md §5).
 Further signals change nothing: under SLURM a task can get the same SIGTERM from slurmd
 and from srun, and dying on the second would lose the save. SIGINT (Ctrl-C) and SIGKILL
 still end a process at once.

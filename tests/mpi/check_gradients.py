@@ -29,7 +29,7 @@ def multipliers(n_train, shapes):
 
 
 def reference_gradients(cfg, trainer, x, y, idx, lams):
-    """The joint loss of DESIGN.md section 1 in one process, and its gradients."""
+    """The joint loss of docs/design.md §1 in one process, and its gradients."""
     seed_everything(cfg.seed)
     model = build_model(cfg.model.arch, trainer.data.num_classes)
     stages = make_stages(model, trainer.cuts, boundary_norm=True)
