@@ -61,9 +61,11 @@ build_parallel_h5py() {
 }
 
 build_horovod() {
-  local version=$1 work
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT  # also when the build fails
+  local version=$1
+  HOROVOD_BUILD_DIR=$(mktemp -d)
+  local work=$HOROVOD_BUILD_DIR
+  # Also when the build fails; the trap runs at exit, after this function's locals are gone.
+  trap 'rm -rf "${HOROVOD_BUILD_DIR:-}"' EXIT
   log "building Horovod $version for torch $(pinned torch) (about 4 minutes, once)"
   "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$work" "horovod==$version"
   tar xzf "$work/horovod-$version.tar.gz" -C "$work"
