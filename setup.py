@@ -4,11 +4,18 @@ Versions here are loose lower bounds so that `pip install .` works on a cluster'
 stack; the exact stack this project is developed and tested with is pinned in
 constraints.txt and installed by scripts/install.sh.
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version lives in hpcaux/__init__.py alone; read, not imported (torch need not be installed yet).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "hpcaux" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 setup(
     name="hpcaux",
-    version="0.1.0",
+    version=VERSION,
     description="Layer-parallel ResNet training with auxiliary-variable networks (MPI, Horovod, HDF5, SLURM)",
     packages=find_packages(include=["hpcaux", "hpcaux.*"]),
     python_requires=">=3.9",

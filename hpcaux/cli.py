@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpcaux.comm import launch
 from hpcaux.errors import UserError, storage_problem
-from hpcaux.train.rundir import check_run_dir, create_run
+from hpcaux.train.run.rundir import check_run_dir, create_run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args) -> int:
     from hpcaux.config import load_config
-    from hpcaux.train.runtime import select_device, set_threads
+    from hpcaux.train.run.runtime import select_device, set_threads
 
     if args.resume:
         if args.config or args.out:
@@ -91,7 +91,7 @@ def _train(args) -> int:
         if args.resume or args.max_epochs:
             raise UserError("--resume and --max-epochs are for layer-parallel runs")
         check_run_dir(run_dir, args.overwrite)
-        from hpcaux.train.runtime import seed_everything
+        from hpcaux.train.run.runtime import seed_everything
         from hpcaux.train.serial import train_serial
         seed_everything(cfg.seed)
         summary = train_serial(cfg, run_dir, device, lambda: create_run(run_dir, cfg.to_yaml(), args.overwrite))
@@ -114,7 +114,7 @@ def _train_distributed(cfg, run_dir: Path, device, args) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.baselines import DataParallelTrainer, PipelineTrainer
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    from hpcaux.train.stop_request import StopRequest
+    from hpcaux.train.run.stop_request import StopRequest
 
     stop = StopRequest()  # first: a signal during set-up is held until the first step
 

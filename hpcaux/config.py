@@ -18,9 +18,10 @@ from pathlib import Path
 import yaml
 
 from hpcaux.errors import UserError
+from hpcaux.models import ARCHITECTURES, IMAGENET_ARCHITECTURES
+from hpcaux.models.auxnet import DEFAULT_DEPTH, DEFAULT_WIDTH
 
-MODELS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-          "wrn16_4", "wrn28_10", "resnet50")
+MODELS = tuple(ARCHITECTURES)
 DATASETS = ("cifar10", "cifar100", "imagenet")
 
 
@@ -81,8 +82,8 @@ class CommConfig:
 @dataclass
 class AuxNetConfig:
     """The auxiliary-variable network: its cost per step bounds the speedup."""
-    width: int = field(default=32, metadata={"min": 1})
-    depth: int = field(default=1, metadata={"min": 1, "help": "3x3 conv layers of the trunk at half resolution (docs/results.md: depth 1 costs 0.08 of a stage, depth 2 0.18)"})
+    width: int = field(default=DEFAULT_WIDTH, metadata={"min": 1})
+    depth: int = field(default=DEFAULT_DEPTH, metadata={"min": 1, "help": "3x3 conv layers of the trunk at half resolution (docs/results.md: depth 1 costs 0.08 of a stage, depth 2 0.18)"})
 
 
 @dataclass
@@ -94,8 +95,11 @@ class LayerParallelConfig:
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
     multipliers: str = field(default="none", metadata={"choices": ("none", "per_sample")})
     aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored")})
-    z_lr: float = field(default=1.0, metadata={"min_exclusive": 0.0, "help": "step size of the stored auxiliary variables (aux_source: stored)"})
+    z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
+    real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
+    delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept, or by replaying the batch (needs real_inputs)"})
+    consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
     finetune_epochs: int = field(default=0, metadata={"min": 0})
     finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
 
@@ -239,6 +243,11 @@ def _check_consistency(cfg: Config):
         raise UserError("config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty: multipliers need loss: al")
     if cfg.lp.loss == "al" and cfg.lp.multipliers == "none":
         raise UserError("config key 'lp.loss' is al but 'lp.multipliers' is none: set lp.multipliers=per_sample")
+    if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
+        raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
+                        "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
+    if cfg.lp.real_inputs != "none" and cfg.lp.aux_source == "stored":
+        raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
     if cfg.lp.rho_max < cfg.lp.rho0:
         raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
     if cfg.method in ("serial", "data_parallel") and (cfg.parallel.K != 1):
@@ -247,9 +256,9 @@ def _check_consistency(cfg: Config):
         raise UserError("method pipeline needs parallel.K >= 2 stages and parallel.D = 1")
     if cfg.lp.aux_source == "stored" and cfg.data.augment:
         raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
-    if cfg.data.dataset == "imagenet" and cfg.model.arch != "resnet50":
+    if cfg.data.dataset == "imagenet" and cfg.model.arch not in IMAGENET_ARCHITECTURES:
         raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs resnet50")
-    if cfg.data.dataset != "imagenet" and cfg.model.arch == "resnet50":
+    if cfg.data.dataset != "imagenet" and cfg.model.arch in IMAGENET_ARCHITECTURES:
         raise UserError("config key 'model.arch' resnet50 is the ImageNet model; use it with data.dataset: imagenet")
     if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
         raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")

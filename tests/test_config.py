@@ -10,6 +10,8 @@ from hpcaux.errors import UserError
 
 K2 = ROOT / "configs" / "cifar10_resnet20_k2.yaml"
 
+pytestmark = pytest.mark.quick
+
 
 def test_every_shipped_config_loads():
     from hpcaux.bench.methods import method_overrides

@@ -14,6 +14,8 @@ from hpcaux.data.sets import load_data, stratified_subset
 from hpcaux.config import load_config
 from hpcaux.errors import UserError
 
+pytestmark = pytest.mark.quick
+
 
 def test_prepared_cifar10_has_the_standard_sizes(cifar_root):
     train_x, train_y = load_split("cifar10", cifar_root, train=True)

@@ -1,9 +1,13 @@
 """The documents stay true to the code: every error message is in docs/troubleshooting.md."""
 import re
 
+import pytest
+
 from conftest import ROOT
 
 LITERAL = re.compile(r'UserError\(\s*f?"([^"]*)"')
+
+pytestmark = pytest.mark.quick
 
 
 def error_messages() -> list[tuple[str, str]]:
@@ -23,3 +27,14 @@ def test_every_error_message_is_in_troubleshooting():
         if fixed not in doc:
             missing.append(f"{where}: {fixed!r}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_design_is_cited_from_the_repository_itself():
+    """Code and docs cite docs/design.md, never a design file outside the repository."""
+    outside = re.compile(r"(?<![\w/])DESIGN\.md")
+    citing = [str(p.relative_to(ROOT)) for folder in ("hpcaux", "docs", "tests", "slurm", "scripts", "configs")
+              for p in sorted((ROOT / folder).rglob("*")) if p.is_file() and p.suffix in (".py", ".md", ".sh", ".yaml")
+              and outside.search(p.read_text())]
+    citing += ["README.md"] if outside.search((ROOT / "README.md").read_text()) else []
+    assert citing == [], citing
+    assert (ROOT / "docs" / "design.md").is_file()

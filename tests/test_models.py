@@ -11,6 +11,8 @@ from hpcaux.models.partition import (balanced_cuts, block_flops, block_params, b
 
 CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn16_4", "wrn28_10"]
 
+pytestmark = pytest.mark.quick
+
 
 def _input(arch):
     torch.manual_seed(0)

@@ -28,9 +28,13 @@ def test_short_serial_run_learns_and_eval_reproduces(tmp_path, cifar_root):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("train", "eval", "data"):
+    from hpcaux.cli import _parser
+
+    subcommands = list(_parser()._subparsers._group_actions[0].choices)
+    assert subcommands == ["train", "eval", "analyze", "bench", "data"]
+    for sub in subcommands:
         proc = subprocess.run([HPCAUX, sub, "--help"], capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0 and "usage: hpcaux" in proc.stdout
+        assert proc.returncode == 0 and f"usage: hpcaux {sub}" in proc.stdout, sub
 
 
 def test_eval_of_missing_run_is_a_clear_error(tmp_path):

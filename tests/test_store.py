@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import HPCAUX, ROOT, assert_same_final_weights, check, digest, installed_backends, mpirun, run
+from conftest import HPCAUX, ROOT, assert_same_final_weights, check, digest, mpirun, run
 
 SCRIPTS = ROOT / "tests" / "mpi"
 CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
@@ -93,7 +93,7 @@ def test_resume_refuses_another_k_and_accepts_another_d(tmp_path, cifar_root):
 
 def test_latest_never_names_a_half_written_checkpoint(tmp_path, cifar_root):
     out = tmp_path / "run"
-    proc = train(2, out, f"data.root={cifar_root}", "train.epochs=2", "parallel.cuts=[4]",
+    proc = train(2, out, f"data.root={cifar_root}", "train.epochs=3", "parallel.cuts=[4]",
                  env={"HPCAUX_FAULT_KILL_IN_SAVE": "1:epoch_2"})
     assert proc.returncode != 0
     assert (out / "ckpt" / "epoch_2" / "stage_0.pt").exists()  # rank 0 had written its file
@@ -101,7 +101,8 @@ def test_latest_never_names_a_half_written_checkpoint(tmp_path, cifar_root):
     assert json.loads((out / "ckpt" / "latest" / "manifest.json").read_text())["epoch"] == 1
     check(mpirun(2, [HPCAUX, "train", "--resume", str(out)], timeout=300))
     assert (out / "ckpt" / "latest").resolve().name == "final"
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+    assert not (out / "ckpt" / "epoch_3").exists()  # the last epoch is saved once, as final
 
 
 def test_corrupt_checkpoint_and_store_are_clear_errors_and_touch_nothing(tmp_path, cifar_root):

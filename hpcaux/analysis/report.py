@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from hpcaux.errors import UserError
+from hpcaux.store.names import META, METRICS, boundary_group, snapshots_group
 
 HISTOGRAM_ROWS = 256  # samples read per boundary for the z / lambda histograms
 
@@ -24,8 +25,8 @@ class StoreView:
             raise UserError(f"HDF5 store {path} does not exist")
         try:
             self.file = h5py.File(path, "r")
-            self.metrics = {name: ds[()] for name, ds in self.file["metrics"].items()}
-            self.meta = dict(self.file["meta"].attrs)
+            self.metrics = {name: ds[()] for name, ds in self.file[METRICS].items()}
+            self.meta = dict(self.file[META].attrs)
         except (OSError, KeyError) as err:
             raise UserError(f"HDF5 store {path} is corrupt or not an hpcaux store ({str(err).splitlines()[0]})") from None
         self.path = path
@@ -33,11 +34,11 @@ class StoreView:
         self.epochs = len(self.metrics["composed_acc"])
 
     def boundary(self, b: int, name: str):
-        key = f"boundary_{b}/{name}"
+        key = f"{boundary_group(b)}/{name}"
         return self.file[key] if key in self.file else None
 
     def snapshots(self, b: int) -> list[tuple[int, np.ndarray]]:
-        group = self.boundary(b, "snapshots")
+        group = self.file.get(snapshots_group(b))
         if group is None:
             return []
         epochs = sorted(int(re.sub(r"\D", "", name)) for name in group)

@@ -22,7 +22,7 @@ from hpcaux.bench.methods import REFERENCE, method_overrides
 from hpcaux.bench.spec import BenchSpec
 from hpcaux.config import load_config
 from hpcaux.errors import UserError
-from hpcaux.train.rundir import write_json
+from hpcaux.train.run.rundir import write_json
 
 
 def check_bench_dir(out: Path, reuse: bool, overwrite: bool):

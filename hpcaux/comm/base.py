@@ -30,6 +30,7 @@ class Comm(abc.ABC):
     def __init__(self, rank: int, size: int, local_rank: int, timeout_s: float):
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.world = Group(list(range(size)))
+        self._groups: dict[tuple, Group] = {}
         self.watchdog = Watchdog(rank, timeout_s, self.abort)
 
     # --- what backends provide -------------------------------------------------------
@@ -46,6 +47,12 @@ class Comm(abc.ABC):
     def _recv(self, tensor: torch.Tensor, src: int): ...
 
     @abc.abstractmethod
+    def _isend(self, tensor: torch.Tensor, dst: int): ...
+
+    @abc.abstractmethod
+    def _irecv(self, tensor: torch.Tensor, src: int): ...
+
+    @abc.abstractmethod
     def _new_group(self, ranks: list) -> object: ...
 
     @abc.abstractmethod
@@ -56,14 +63,19 @@ class Comm(abc.ABC):
 
     # --- the interface -----------------------------------------------------------------
     def new_group(self, ranks) -> Group:
-        """Create a process set; every world rank must call this, in the same order."""
+        """A process set; every world rank must call this, in the same order. A set is
+        created once per job and then reused (Horovod refuses a duplicate process set, and
+        a second trainer in the same process asks for the same sets)."""
         ranks = sorted(ranks)
         if len(ranks) == 1:
             return Group(ranks)  # nothing to reduce over; no backend object needed
         if ranks == self.world.ranks:
             return self.world
-        with self.watchdog.guard(f"new_group({ranks})", self.world.ranks):
-            return Group(ranks, self._new_group(ranks))
+        key = tuple(ranks)
+        if key not in self._groups:
+            with self.watchdog.guard(f"new_group({ranks})", self.world.ranks):
+                self._groups[key] = Group(ranks, self._new_group(ranks))
+        return self._groups[key]
 
     def _packed(self, tensors, group: Group, label: str, operation):
         """Pack `tensors` into one buffer, run `operation(flat)` under the watchdog, unpack.
@@ -111,12 +123,13 @@ class Comm(abc.ABC):
         self.broadcast([buf], root, what="broadcast_object")
         return pickle.loads(buf.numpy().tobytes())
 
-    def gather_table(self, values: list[float]) -> torch.Tensor:
-        """A (world x len(values)) float64 table with every rank's values (logs, summaries)."""
+    def gather_per_rank(self, values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Every rank's value of each named quantity, as a float64 tensor indexed by rank
+        (logs, summaries); every rank passes the same names, in one allreduce."""
         table = torch.zeros(self.size, len(values), dtype=torch.float64)
-        table[self.rank] = torch.tensor(values, dtype=torch.float64)
+        table[self.rank] = torch.tensor(list(values.values()), dtype=torch.float64)
         self.allreduce([table], op="sum", what="allreduce per-rank statistics")
-        return table
+        return {name: table[:, i] for i, name in enumerate(values)}
 
     def agree(self, check, what: str):
         """Run a check that may fail on some ranks only; fail on all ranks alike.
@@ -145,5 +158,45 @@ class Comm(abc.ABC):
             self._recv(tensor, src)
         return tensor
 
+    def isend(self, tensor: torch.Tensor, dst: int, what: str = "isend") -> "Pending":
+        """Start sending `tensor` (kept alive until waited on); returns at once."""
+        tensor = tensor.detach().contiguous()
+        return Pending(self, self._isend(tensor, dst), f"{what} to rank {dst}", [self.rank, dst], tensor)
+
+    def irecv(self, tensor: torch.Tensor, src: int, what: str = "irecv") -> "Pending":
+        """Post a receive into `tensor`; `wait()` on the result before reading it."""
+        return Pending(self, self._irecv(tensor, src), f"{what} from rank {src}", [src, self.rank], tensor)
+
     def barrier(self, what: str = "barrier"):
         self.allreduce([torch.zeros(1)], what=what)
+
+
+class Pending:
+    """A non-blocking send or receive. `wait()` completes it under the hang watchdog and
+    returns the tensor (for a receive: filled in). Backends return a handle with `wait()`
+    that does the completion (and, where a device tensor was staged through the host,
+    the copy back)."""
+
+    def __init__(self, comm: Comm, handle, what: str, peers: list, tensor: torch.Tensor):
+        self.comm, self.handle, self.what, self.peers, self.tensor = comm, handle, what, peers, tensor
+
+    def wait(self) -> torch.Tensor:
+        if self.handle is not None:
+            with self.comm.watchdog.guard(self.what, self.peers):
+                self.handle.wait()
+            self.handle = None
+        return self.tensor
+
+
+class StagedRequest:
+    """A backend's request, with the buffer it uses: `wait()` completes it and, where the
+    data was staged through another buffer (a device tensor through the host), copies the
+    staged data into the target. Holding `staged` keeps a send's buffer alive until then."""
+
+    def __init__(self, complete, staged: torch.Tensor, target: torch.Tensor | None = None):
+        self.complete, self.staged, self.target = complete, staged, target
+
+    def wait(self):
+        self.complete()
+        if self.target is not None and self.staged is not self.target:
+            self.target.copy_(self.staged)

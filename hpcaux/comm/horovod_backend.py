@@ -16,7 +16,7 @@ import socket
 import torch
 
 from hpcaux.comm import launch
-from hpcaux.comm.base import Comm, Group
+from hpcaux.comm.base import Comm, Group, StagedRequest
 
 
 CPU_POLLING_DEFAULTS = {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -36,6 +36,14 @@ class _MpiPointToPoint:
         self.MPI.COMM_WORLD.Recv(host.numpy(), source=src)
         if host is not tensor:
             tensor.copy_(host)
+
+    def isend(self, tensor, dst):
+        host = tensor.detach().cpu()
+        return StagedRequest(self.MPI.COMM_WORLD.Isend(host.numpy(), dest=dst).Wait, host)
+
+    def irecv(self, tensor, src):
+        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        return StagedRequest(self.MPI.COMM_WORLD.Irecv(host.numpy(), source=src).Wait, host, tensor)
 
     def abort(self, code):
         self.MPI.COMM_WORLD.Abort(code)
@@ -63,6 +71,14 @@ class _GlooPointToPoint:
         self.dist.recv(host, src)
         if host is not tensor:
             tensor.copy_(host)
+
+    def isend(self, tensor, dst):
+        host = tensor.detach().cpu()
+        return StagedRequest(self.dist.isend(host, dst).wait, host)
+
+    def irecv(self, tensor, src):
+        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        return StagedRequest(self.dist.irecv(host, src).wait, host, tensor)
 
     def abort(self, code):
         os._exit(code)  # horovodrun tears the other workers down when one exits non-zero
@@ -99,6 +115,12 @@ class HorovodComm(Comm):
 
     def _new_group(self, ranks):
         return self.hvd.add_process_set(ranks)
+
+    def _isend(self, tensor, dst):
+        return self.p2p.isend(tensor, dst)
+
+    def _irecv(self, tensor, src):
+        return self.p2p.irecv(tensor, src)
 
     def _allreduce_sum(self, flat, group: Group):
         self.hvd.allreduce_(flat, op=self.hvd.Sum, process_set=group.handle, name=self._name("allreduce", group))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hpcaux.comm.base import Comm, Group
+from hpcaux.comm.base import Comm, Group, StagedRequest
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,14 @@ class Mpi4pyComm(Comm):
         self.comm.Recv(host.numpy(), source=src)
         if host is not tensor:
             tensor.copy_(host)
+
+    def _isend(self, tensor, dst):
+        host = _host(tensor)
+        return StagedRequest(self.comm.Isend(host.numpy(), dest=dst).Wait, host)
+
+    def _irecv(self, tensor, src):
+        host = _host(tensor)
+        return StagedRequest(self.comm.Irecv(host.numpy(), source=src).Wait, host, tensor)
 
     def abort(self, code: int = 1):
         self.comm.Abort(code)

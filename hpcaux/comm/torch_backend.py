@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from hpcaux.comm import launch
-from hpcaux.comm.base import Comm, Group
+from hpcaux.comm.base import Comm, Group, StagedRequest
 
 
 def _rendezvous_address() -> tuple[str, str]:
@@ -71,6 +71,14 @@ class TorchComm(Comm):
         if buf is not tensor:
             tensor.copy_(buf)
 
+    def _isend(self, tensor, dst):
+        buf = self._on_device(tensor)
+        return StagedRequest(dist.isend(buf, dst).wait, buf)
+
+    def _irecv(self, tensor, src):
+        buf = self._on_device(tensor)
+        return StagedRequest(dist.irecv(buf, src).wait, buf, tensor)
+
     def abort(self, code: int = 1):
         if launch.launched_by_mpi():
             try:
@@ -83,3 +91,4 @@ class TorchComm(Comm):
     def finalize(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+

@@ -8,6 +8,7 @@ layer-parallel replica draws the very same batches without communicating.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
 
@@ -34,6 +35,30 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+class TrainingData(Protocol):
+    """What every trainer reads: both data sets below provide it."""
+    num_classes: int
+    image_shape: tuple
+
+    @property
+    def n_train(self) -> int: ...
+
+    @property
+    def n_test(self) -> int: ...
+
+    def steps_per_epoch(self, batch_size: int, replicas: int = 1) -> int: ...
+
+    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0,
+                      replicas=1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+    def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0,
+                     shards=1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def test_count(self, subset: int) -> int: ...
+
+    def normalized_train(self, idx: torch.Tensor, device) -> torch.Tensor: ...
+
+
 class TensorImageData:
     """A data set held in memory as uint8 images; CIFAR-10 and CIFAR-100."""
 
@@ -57,6 +82,10 @@ class TensorImageData:
             raise UserError(f"config key 'train.batch_size' ({batch_size}) x replicas ({replicas}) "
                             f"exceeds the {self.n_train} training images")
         return steps
+
+    def test_count(self, subset: int) -> int:
+        """How many test images `test_batches(subset=subset)` yields."""
+        return self.n_test if subset <= 0 or subset >= self.n_test else subset
 
     def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1):
         """Shuffled batches of replica `replica`; the last partial batch is dropped."""
@@ -128,6 +157,7 @@ class ImageFolderData:
         return len(self.test)
 
     steps_per_epoch = TensorImageData.steps_per_epoch
+    test_count = TensorImageData.test_count
 
     def _loader(self, dataset, indices, batch_size, gen=None):
         return torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=batch_size,
@@ -154,7 +184,12 @@ class ImageFolderData:
         return torch.stack([self.train_plain[int(self.train_idx[i])][0] for i in idx]).to(device)
 
 
-def load_data(data_cfg, seed: int):
+def cut_timing_sample(data: TrainingData, device) -> torch.Tensor:
+    """The images the partition times its blocks on (the first 32 training images)."""
+    return data.normalized_train(torch.arange(min(32, data.n_train)), device)
+
+
+def load_data(data_cfg, seed: int) -> TrainingData:
     """The configured data set, with the stratified training subset applied."""
     root = Path(data_cfg.root)
     if data_cfg.dataset == "imagenet":

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 from hpcaux.models.blocks import BoundaryNorm
 
+# The defaults of the config keys auxnet.width and auxnet.depth (depth 1 costs about 0.08
+# of a ResNet-20 stage on a CPU, depth 2 0.18: docs/results.md).
+DEFAULT_WIDTH, DEFAULT_DEPTH = 32, 1
+
 
 def conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
@@ -39,7 +43,7 @@ class AuxHead(nn.Module):
 class AuxNet(nn.Module):
     """Trunk of `depth` 3x3 conv layers (the first strided), one head per boundary."""
 
-    def __init__(self, boundary_shapes: list[tuple], width: int = 32, depth: int = 2,
+    def __init__(self, boundary_shapes: list[tuple], width: int = DEFAULT_WIDTH, depth: int = DEFAULT_DEPTH,
                  in_channels: int = 3, image_size: int = 32):
         super().__init__()
         layers, size, cin = [], image_size, in_channels

@@ -160,3 +160,23 @@ def boundary_shapes(stages: list[Stage], input_shape: tuple, device="cpu") -> li
     for stage, mode in zip(stages, was_training):
         stage.train(mode)
     return shapes
+
+
+def check_stage_count(K: int, n_blocks: int):
+    """K stages need at least K blocks; checked before the world size, which follows from K."""
+    if K > n_blocks:
+        raise UserError(f"config key 'parallel.K' is {K}, larger than the model's {n_blocks} blocks")
+
+
+def agree_on_cuts(parallel_cfg, comm, model: BlockSequence, sample: torch.Tensor) -> list[int]:
+    """The configured cut points, or balanced ones chosen on rank 0 (timings differ per
+    rank) and broadcast, so every rank cuts the model alike. `comm` is the run's
+    hpcaux.comm.Comm; the checks that can fail run on every rank, before the broadcast."""
+    K, n = parallel_cfg.K, len(model)
+    check_stage_count(K, n)
+    if parallel_cfg.cuts:
+        if parallel_cfg.cuts[-1] >= n:
+            raise UserError(f"config key 'parallel.cuts' {parallel_cfg.cuts} is beyond the model's {n} blocks")
+        return list(parallel_cfg.cuts)
+    cuts = choose_cuts(model, K, parallel_cfg.balance, sample) if comm.rank == 0 else None
+    return comm.broadcast_object(cuts, root=0)

@@ -39,8 +39,8 @@ import h5py
 import numpy as np
 import torch
 
-from hpcaux import __version__
 from hpcaux.errors import UserError
+from hpcaux.store.names import META, series_name
 
 
 def mpio_available() -> bool:
@@ -144,7 +144,7 @@ class AuxStore:
         if self.mode == "per_rank" and self.rank != 0:
             return
         with self._collective("write /meta"):
-            meta = self.file.require_group("meta")
+            meta = self.file.require_group(META)
             for key, value in attrs.items():
                 meta.attrs[key] = value
 
@@ -211,7 +211,7 @@ class AuxStore:
                 _collective_rows_write(ds, start, data)
 
     def declare_series(self, name: str, width: tuple, owner: int = 0, wide: bool = False):
-        self.declare(ArraySpec(f"metrics/{name}", (0, *width), "f8", owner, (owner,),
+        self.declare(ArraySpec(series_name(name), (0, *width), "f8", owner, (owner,),
                                chunks=(64, *width) if width else (64,), growable=True, wide=wide))
 
     # --- durability ---------------------------------------------------------------------------
@@ -238,8 +238,8 @@ class AuxStore:
                 # A relative source name resolves against aux.h5's own folder: the run can move.
                 layout[...] = h5py.VirtualSource(f"aux.rank{spec.owner}.h5", spec.name, shape=shape)
                 index.create_virtual_dataset(spec.name, layout, fillvalue=0)
-            meta = index.require_group("meta")
-            for key, value in self.file["meta"].attrs.items() if "meta" in self.file else []:
+            meta = index.require_group(META)
+            for key, value in self.file[META].attrs.items() if META in self.file else []:
                 meta.attrs[key] = value
         os.replace(tmp, self.path)
 

@@ -1,1 +1,2 @@
-"""Trainers: serial baseline, layer-parallel (AuxNet) trainer, losses and schedules."""
+"""Trainers: the one epoch loop, serial backprop, the distributed baselines and the
+layer-parallel trainer (docs/design.md §3)."""

@@ -20,28 +20,32 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hpcaux.data.sets import load_data
+from hpcaux.comm import Comm
+from hpcaux.config import Config
+from hpcaux.data.sets import cut_timing_sample, load_data
 from hpcaux.errors import UserError
-from hpcaux.models import build_model
-from hpcaux.models.partition import boundary_shapes, make_stages
-from hpcaux.train.composed import StageChain
-from hpcaux.train.evaluate import evaluate_model
-from hpcaux.train.layout import Layout
-from hpcaux.train.progress import Progress
-from hpcaux.train.rundir import MetricsLog, write_json
-from hpcaux.train.runtime import peak_memory_mb, seed_everything
-from hpcaux.train.schedules import learning_rate, set_lr
-from hpcaux.train.serial import make_optimizer
+from hpcaux.models import block_count, build_model
+from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
+from hpcaux.train.loop import EpochLoop, LrSchedule
+from hpcaux.train.lp.composed import StageChain
+from hpcaux.train.run.evaluate import evaluate_model
+from hpcaux.train.run.layout import Layout
+from hpcaux.train.run.optim import make_optimizer
+from hpcaux.train.run.progress import Progress
+from hpcaux.train.run.rundir import MetricsLog, write_json
+from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
 
 
 class BaselineTrainer:
-    """The shared loop: batches, lr schedule, per-epoch held-out accuracy, summary.
-    Subclasses provide `layout`, `replicas`, `_step(x, y)` and `_accuracy(subset)`."""
+    """Batches, per-epoch held-out accuracy and the summary around the shared epoch loop.
+    Subclasses provide `layout`, `replicas`, `optimizer`, `gradients(x, y)` (leaves the
+    step's synchronised gradients) and `_accuracy(subset)`."""
 
     method = ""
     replicas = 1
+    step_s = 0.0
 
-    def __init__(self, cfg, run_dir: Path, comm, device, create_run):
+    def __init__(self, cfg: Config, run_dir: Path, comm: Comm, device: torch.device, create_run):
         self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -51,51 +55,56 @@ class BaselineTrainer:
     def _batches(self, epoch: int):
         """This replica's share of the epoch. The pipeline has one replica: every rank
         draws the same batch, stage 0 feeds its images and the last stage its labels."""
-        for x, y, _ in self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
-                                               augment=self.cfg.data.augment, device=self.device,
-                                               replica=self.layout.replica, replicas=self.replicas):
-            yield x, y
+        return self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch,
+                                       augment=self.cfg.data.augment, device=self.device,
+                                       replica=self.layout.replica, replicas=self.replicas)
 
     def run(self) -> dict:
         cfg, is_root = self.cfg, self.comm.rank == 0
         self.comm.agree(lambda: self.create_run() if is_root else None, "creating the run directory")
         log = MetricsLog(self.run_dir, fresh=True) if is_root else None
         steps = self.data.steps_per_epoch(cfg.train.batch_size, self.replicas)
-        total = steps * cfg.train.epochs
-        progress = Progress(total, cfg.train.progress, self.comm.rank)
-        started, train_time, step, step_s = time.perf_counter(), 0.0, 0, 0.0
+        progress = Progress(steps * cfg.train.epochs, cfg.train.progress, self.comm.rank)
+        loop = EpochLoop([self.optimizer], LrSchedule(cfg.optim, steps * cfg.train.epochs, steps), self._timed_step,
+                         progress, self.comm.watchdog.context)
+        started, train_time = time.perf_counter(), 0.0
         for epoch in range(cfg.train.epochs):
-            epoch_start = time.perf_counter()
-            for x, y in self._batches(epoch):
-                lr = learning_rate(cfg.optim, step, total, steps)
-                set_lr(self.optimizer, lr)
-                self.comm.watchdog.context["step"] = step
-                t0 = time.perf_counter()
-                self._step(x, y)
-                step_s += time.perf_counter() - t0
-                step += 1
-                progress.update(f"ep {epoch + 1}")
-            epoch_s = time.perf_counter() - epoch_start
-            train_time += epoch_s
+            totals = loop.run_epoch(epoch, self._batches(epoch))
+            train_time += totals.seconds
+            self.step_s += totals.sums["step_s"]
             acc = self._accuracy(cfg.data.eval_subset)
-            record = {"epoch": epoch + 1, "phase": self.method, "eval_acc": acc, "lr": lr, "epoch_s": epoch_s,
-                      "samples_per_s": steps * cfg.train.batch_size * self.replicas / epoch_s}
+            record = {"epoch": epoch + 1, "phase": self.method, "eval_acc": acc, "lr": totals.lr,
+                      "epoch_s": totals.seconds,
+                      "samples_per_s": totals.steps * cfg.train.batch_size * self.replicas / totals.seconds}
             if is_root:
                 log.append(record)
                 progress.note(f"epoch {epoch + 1} [{self.method}]: eval acc {acc:.3f} "
                               f"({record['samples_per_s']:.0f} samples/s)")
         progress.close()
         test_acc = self._accuracy(cfg.data.test_subset)
-        per_rank = self.comm.gather_table([step_s / max(step, 1) * 1e3, peak_memory_mb(self.device)])
+        per_rank = self.comm.gather_per_rank({"step_ms": self.step_s / max(loop.step, 1) * 1e3,
+                                            "peak_mem_mb": peak_memory_mb(self.device)})
         summary = {"method": self.method, "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": cfg.parallel.K, "D": self.replicas, "epochs": cfg.train.epochs,
                    "train_samples": self.data.n_train, "test_acc": test_acc, "wall_s": time.perf_counter() - started,
-                   "train_s": train_time, "train_samples_per_s": step * cfg.train.batch_size * self.replicas / train_time,
-                   "step_ms_per_rank": per_rank[:, 0].tolist(), "peak_mem_mb_per_rank": per_rank[:, 1].tolist(),
+                   "train_s": train_time,
+                   "train_samples_per_s": loop.step * cfg.train.batch_size * self.replicas / train_time,
+                   "step_ms_per_rank": per_rank["step_ms"].tolist(), "peak_mem_mb_per_rank": per_rank["peak_mem_mb"].tolist(),
                    "threads": torch.get_num_threads(), "backend": self.comm.name, **self._extra_summary()}
         if is_root:
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _timed_step(self, x, y, _idx) -> dict:
+        """One optimiser step on the batch; its time excludes data loading and evaluation."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no set_to_none
+        self.gradients(x, y)
+        self.apply()
+        return {"step_s": time.perf_counter() - t0}
+
+    def apply(self):
+        self.optimizer.step()
 
     def _extra_summary(self) -> dict:
         return {}
@@ -104,7 +113,7 @@ class BaselineTrainer:
 class DataParallelTrainer(BaselineTrainer):
     method = "data_parallel"
 
-    def __init__(self, cfg, run_dir, comm, device, create_run):
+    def __init__(self, cfg: Config, run_dir: Path, comm: Comm, device: torch.device, create_run):
         if cfg.parallel.K != 1:
             raise UserError("config key 'parallel.K' must be 1 for method: data_parallel (replicas are parallel.D)")
         self.layout = Layout.for_world(1, cfg.parallel.D, comm.rank, comm.size)
@@ -122,10 +131,16 @@ class DataParallelTrainer(BaselineTrainer):
         else:
             raise UserError(f"method data_parallel needs comm.backend horovod or torch, not {comm.name}")
 
-    def _step(self, x, y):
-        self.optimizer.zero_grad()  # Horovod's DistributedOptimizer takes no set_to_none
+    def gradients(self, x, y):
         with self.comm.watchdog.guard("data-parallel step (gradient allreduce)", self.layout.stage_ranks(0)):
             F.cross_entropy(self.net(x), y).backward()
+            if self.comm.name == "horovod":
+                self.optimizer.synchronize()  # the averaged gradients, under the watchdog
+
+    def apply(self):
+        if self.comm.name != "horovod":
+            return self.optimizer.step()
+        with self.optimizer.skip_synchronize():  # gradients() synchronised them already
             self.optimizer.step()
 
     def _accuracy(self, subset):
@@ -140,16 +155,16 @@ class DataParallelTrainer(BaselineTrainer):
 class PipelineTrainer(BaselineTrainer):
     method = "pipeline"
 
-    def __init__(self, cfg, run_dir, comm, device, create_run):
+    def __init__(self, cfg: Config, run_dir: Path, comm: Comm, device: torch.device, create_run):
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-        from hpcaux.train.layer_parallel import agree_on_cuts
 
         if comm.name != "torch":
             raise UserError(f"method pipeline needs comm.backend torch (torch.distributed.pipelining), not {comm.name}")
+        check_stage_count(cfg.parallel.K, block_count(cfg.model.arch))
         self.layout = Layout.for_world(cfg.parallel.K, 1, comm.rank, comm.size)
         super().__init__(cfg, run_dir, comm, device, create_run)
-        self.cuts = agree_on_cuts(cfg, comm, self.model, self.data, device)
+        self.cuts = agree_on_cuts(cfg.parallel, comm, self.model, cut_timing_sample(self.data, device))
         stages = make_stages(self.model, self.cuts, boundary_norm=False)
         shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[self.layout.stage]
@@ -159,9 +174,8 @@ class PipelineTrainer(BaselineTrainer):
                                       loss_fn=lambda out, y: F.cross_entropy(out, y))
         self.chain = StageChain(comm, self.layout, self.stage, shapes, device)
 
-    def _step(self, x, y):
+    def gradients(self, x, y):
         lay = self.layout
-        self.optimizer.zero_grad(set_to_none=True)
         with self.comm.watchdog.guard("pipeline step (micro-batch send/recv)", [lay.rank_of(k) for k in range(lay.K)]):
             if lay.is_first:
                 self.schedule.step(x)
@@ -169,7 +183,6 @@ class PipelineTrainer(BaselineTrainer):
                 self.schedule.step(target=y)
             else:
                 self.schedule.step()
-        self.optimizer.step()
 
     def _accuracy(self, subset):
         batches = self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,

@@ -15,7 +15,7 @@ from hpcaux.errors import UserError
 from hpcaux.models import build_model
 from hpcaux.models.partition import make_stages
 from hpcaux.store.checkpoint import latest_checkpoint, load_file
-from hpcaux.train.evaluate import evaluate_model
+from hpcaux.train.run.evaluate import evaluate_model
 
 
 def load_composed_model(folder: Path, manifest: dict, num_classes: int) -> torch.nn.Module:

@@ -40,6 +40,19 @@ else:
     comm.recv(got, (r - 1) % n)
     comm.send(out, (r + 1) % n)
 assert torch.equal(got, torch.full((5,), float((r - 1) % n))), got
+
+# non-blocking: both directions of the ring posted at once, a receive posted before its
+# send exists, two messages in flight on one pair arriving in order; nothing waits until wait()
+later = [torch.empty(3), torch.empty(3)]
+receives = [comm.irecv(buf, (r - 1) % n) for buf in later]
+sends = [comm.isend(torch.full((3,), float(r * 10 + i)), (r + 1) % n) for i in range(2)]
+back = comm.irecv(torch.empty(2), (r + 1) % n)
+sends.append(comm.isend(torch.full((2,), -float(r)), (r - 1) % n))
+for i, pending in enumerate(receives):
+    assert torch.equal(pending.wait(), torch.full((3,), float(((r - 1) % n) * 10 + i))), later
+assert torch.equal(back.wait(), torch.full((2,), -float((r + 1) % n)))
+for pending in sends:
+    pending.wait()
 comm.barrier()
 comm.finalize()
 print(f"rank {r}: comm checks passed ({comm.name}, {n} ranks)")

@@ -15,15 +15,15 @@ backend, data_root, run_dir, K, D = sys.argv[1], sys.argv[2], Path(sys.argv[3]),
 comm = make_comm(backend)
 cfg = tiny_config(data_root, backend, K, D, "data.train_subset=256")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
-for i, (x, y, idx) in enumerate(trainer._batches(0, augment=True)):
-    trainer.train_step(x, y, idx, rho=1.0)
+for i, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
+    trainer.step(x, y, idx, rho=1.0)
     if i == 2:
         break
 stage = parameters_to_vector(trainer.stage.parameters()).detach()
 aux = torch.cat([parameters_to_vector(trainer.auxnet.parameters()).detach(),
                  *[b.flatten() for b in trainer.auxnet.buffers() if b.is_floating_point()]])
 stage_mean, aux_mean = stage.clone(), aux.clone()
-comm.allreduce([stage_mean], op="mean", group=trainer.stage_group)
+comm.allreduce([stage_mean], op="mean", group=trainer.step.stage_group)
 comm.allreduce([aux_mean], op="mean")
 assert torch.allclose(stage, stage_mean, atol=1e-6), f"rank {comm.rank}: stage replicas differ"
 assert torch.allclose(aux, aux_mean, atol=1e-6), f"rank {comm.rank}: AuxNet copies differ"

@@ -30,3 +30,21 @@ def make_comm(backend: str):
 
 def world_size() -> int:
     return launch.world_size()
+
+
+def assert_close(rank: int, name: str, mine, ref):
+    """Gradients of two parameter lists are equal (a missing gradient counts as zero)."""
+    assert len(mine) == len(ref), f"rank {rank}: {name}: {len(mine)} parameters against {len(ref)}"
+    for i, (a, b) in enumerate(zip(mine, ref)):
+        ga = a.grad if a.grad is not None else torch.zeros_like(a)
+        gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6), \
+            f"rank {rank}: {name} gradient {i} differs by {(ga - gb).abs().max().item():.3e}"
+
+
+def replica_batches(trainer, replicas: int):
+    """The first batch of every replica of epoch 0: what one process on the global batch sees."""
+    data, cfg = trainer.data, trainer.cfg
+    return [next(data.train_batches(cfg.train.batch_size, seed=cfg.seed, epoch=0, augment=cfg.data.augment,
+                                    device=torch.device("cpu"), replica=r, replicas=replicas))
+            for r in range(replicas)]

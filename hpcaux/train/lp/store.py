@@ -13,24 +13,8 @@ import torch
 
 from hpcaux import __version__
 from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
-
-SERIES_PER_BOUNDARY = ("rel_gap", "train_rel_gap", "multiplier_rms", "z_mean", "z_std")
-SERIES_PER_RANK = ("step_ms", "aux_ms", "comm_ms")
-SERIES_PER_STAGE = ("stage_loss",)
-SERIES_SCALAR = ("rho", "composed_acc", "auxnet_path_acc", "epoch_s")
-
-
-def z_name(b: int) -> str:
-    return f"boundary_{b}/z"
-
-
-def lambda_name(b: int) -> str:
-    return f"boundary_{b}/lambda"
-
-
-def snapshot_name(b: int, epoch: int) -> str:
-    return f"boundary_{b}/snapshots/e{epoch}"
-
+from hpcaux.store.names import (SERIES, SERIES_PER_BOUNDARY, SERIES_PER_RANK, SERIES_PER_STAGE, SERIES_SCALAR,
+                                lambda_name, series_name, snapshot_name, z_name)
 
 class RunStore:
     """The trainer's view of the store: declares its datasets, records epochs."""
@@ -58,14 +42,11 @@ class RunStore:
 
     def record_epoch(self, epoch_index: int, record: dict):
         """One row of every series (a collective write on every rank)."""
-        for name in self._series_names():
+        for name in SERIES:
             value = record.get(name)
             if value is None:
-                value = np.full(self.store.specs[f"metrics/{name}"].shape[1:] or (), np.nan)
-            self.store.write_collective(f"metrics/{name}", value, row=epoch_index)
-
-    def _series_names(self):
-        return SERIES_PER_BOUNDARY + SERIES_PER_RANK + SERIES_PER_STAGE + SERIES_SCALAR
+                value = np.full(self.store.specs[series_name(name)].shape[1:] or (), np.nan)
+            self.store.write_collective(series_name(name), value, row=epoch_index)
 
     def record_snapshots(self, epoch: int, outputs: dict):
         """AuxNet outputs on the probe set: head k from its owner, written collectively."""

@@ -21,8 +21,3 @@ def learning_rate(optim_cfg, step: int, total_steps: int, steps_per_epoch: int, 
 def rho_at_epoch(lp_cfg, epoch: int) -> float:
     """Penalty continuation: rho0 * growth^epoch, capped at rho_max."""
     return min(lp_cfg.rho_max, lp_cfg.rho0 * lp_cfg.rho_growth ** epoch)
-
-
-def set_lr(optimizer, lr: float):
-    for group in optimizer.param_groups:
-        group["lr"] = lr

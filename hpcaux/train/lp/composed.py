@@ -14,11 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hpcaux.comm import Comm
+from hpcaux.train.run.layout import Layout
+
 
 class StageChain:
     """This rank's place in its replica's chain of stages."""
 
-    def __init__(self, comm, layout, stage_module, boundary_shapes, device):
+    def __init__(self, comm: Comm, layout: Layout, stage_module: torch.nn.Module, boundary_shapes: list[tuple],
+                 device: torch.device):
         self.comm, self.layout, self.stage, self.device = comm, layout, stage_module, device
         self.shapes = boundary_shapes
         s = layout.stage

@@ -1,0 +1,40 @@
+"""The names of everything a layer-parallel run keeps in RUN/aux.h5 (docs/design.md §4):
+the one source for the trainer that writes them and `hpcaux analyze` that reads them."""
+from __future__ import annotations
+
+METRICS = "metrics"
+META = "meta"
+
+# Per-epoch series under /metrics, by the width of one row.
+SERIES_PER_BOUNDARY = ("rel_gap", "train_rel_gap", "multiplier_rms", "z_mean", "z_std")
+SERIES_PER_RANK = ("step_ms", "aux_ms", "comm_ms")
+SERIES_PER_STAGE = ("stage_loss",)
+SERIES_SCALAR = ("rho", "composed_acc", "auxnet_path_acc", "epoch_s")
+SERIES = SERIES_PER_BOUNDARY + SERIES_PER_RANK + SERIES_PER_STAGE + SERIES_SCALAR
+
+
+def boundary_group(b: int) -> str:
+    return f"boundary_{b}"
+
+
+def z_name(b: int) -> str:
+    """Stored auxiliary variables z_b, one row per training sample."""
+    return f"{boundary_group(b)}/z"
+
+
+def lambda_name(b: int) -> str:
+    """AL multipliers of boundary b, one row per training sample."""
+    return f"{boundary_group(b)}/lambda"
+
+
+def snapshots_group(b: int) -> str:
+    return f"{boundary_group(b)}/snapshots"
+
+
+def snapshot_name(b: int, epoch: int) -> str:
+    """AuxNet head b on the probe images after `epoch`."""
+    return f"{snapshots_group(b)}/e{epoch}"
+
+
+def series_name(name: str) -> str:
+    return f"{METRICS}/{name}"

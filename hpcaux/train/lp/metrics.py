@@ -1,0 +1,74 @@
+"""Held-out measurements of a layer-parallel run, every epoch and at the end (docs/design.md §1):
+the composed network's accuracy (the network a user gets), and in AuxNet mode the
+AuxNet-path accuracy F_K(A_{K-1}(x)) and the relative gap per boundary. Plus the AuxNet's
+outputs on the fixed probe images, which the store snapshots every epoch.
+"""
+from __future__ import annotations
+
+import torch
+
+from hpcaux.comm import Comm
+from hpcaux.config import Config
+from hpcaux.data.sets import TrainingData
+from hpcaux.train.lp.composed import StageChain
+from hpcaux.train.lp.losses import relative_gap
+from hpcaux.train.lp.step import LayerParallelStep
+from hpcaux.train.run.layout import Layout
+
+
+class HeldOutMetrics:
+    def __init__(self, step: LayerParallelStep, chain: StageChain, comm: Comm, data: TrainingData, cfg: Config,
+                 layout: Layout, device: torch.device):
+        """`step` is the rank's LayerParallelStep (modules and inputs), `chain` its StageChain."""
+        self.step, self.chain, self.comm, self.data = step, chain, comm, data
+        self.cfg, self.layout, self.device = cfg, layout, device
+
+    def eval_batches(self, subset: int):
+        """This replica's shard of the held-out set: the replicas' counts add up to it once."""
+        return self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,
+                                      seed=self.cfg.seed, shard=self.layout.replica, shards=self.layout.D)
+
+    @torch.no_grad()
+    def __call__(self, subset: int) -> dict:
+        K = self.layout.K
+        correct, total = self.chain.correct_count(self.eval_batches(subset))
+        counts = {"composed": torch.tensor([correct, total], dtype=torch.float64),
+                  "auxnet_path": torch.zeros(2, dtype=torch.float64),
+                  "gap": torch.zeros(K - 1, 2, dtype=torch.float64)}  # per boundary: sum ||F-A||², sum ||A||²
+        if self.step.auxnet is not None:
+            self._auxnet_counts(subset, counts)
+        self.comm.allreduce(list(counts.values()), op="sum", what="allreduce held-out metrics")
+        result = {"composed_acc": (counts["composed"][0] / counts["composed"][1]).item()}
+        if self.step.auxnet is not None:
+            result["auxnet_path_acc"] = (counts["auxnet_path"][0] / counts["auxnet_path"][1]).item()
+            result["rel_gap"] = (counts["gap"][:, 0] / counts["gap"][:, 1]).tolist()
+        return result
+
+    def _auxnet_counts(self, subset: int, counts: dict):
+        """This rank's share: the gap of its output boundary, or (last stage) the AuxNet path."""
+        step = self.step
+        modules = [m for m in (step.auxnet, step.stage, step.local_head) if m is not None]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        for x, y in self.eval_batches(subset):
+            inp, target, _ = step.inputs(x, None)
+            out = step.stage(inp)
+            if target is not None:
+                counts["gap"][step.out_boundary] += torch.tensor(relative_gap(out, target), dtype=torch.float64)
+            else:
+                counts["auxnet_path"] += torch.tensor([(out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+    @torch.no_grad()
+    def probe_outputs(self) -> dict:
+        """AuxNet head outputs on the fixed probe images, for the head this rank owns."""
+        step, probe_size = self.step, self.cfg.store.probe_size
+        if step.auxnet is None or self.layout.replica != 0 or step.out_boundary is None or not probe_size:
+            return {}
+        probe = next(self.data.test_batches(probe_size, device=self.device, subset=probe_size, seed=self.cfg.seed))[0]
+        step.auxnet.eval()
+        out = step.auxnet(probe, [step.out_boundary])
+        step.auxnet.train()
+        return {b: v.cpu().numpy() for b, v in out.items()}

@@ -1,0 +1,203 @@
+"""One layer-parallel training step of one rank (docs/design.md §1–§2).
+
+  1. inputs: the AuxNet heads the rank needs (A_{k-1}(x) as its input, A_k(x) as its
+     target), or the stored z of the batch (aux_source: stored);
+  2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
+     input/target gradients back-propagated into the AuxNet (a separate backward, so its
+     cost is measured on its own);
+  3. synchronise: ONE world allreduce of the AuxNet gradients (summed over stages,
+     averaged over replicas), the AuxNet BatchNorm buffers (averaged) and the stop vote,
+     or, in stored mode, the z gradients of the batch over the replica; plus, when D > 1,
+     the stage-gradient average over the stage's process set;
+  4. apply: the optimiser steps, the AL multiplier update, the stored-z step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hpcaux.comm import Comm
+from hpcaux.config import Config
+from hpcaux.store.names import lambda_name, z_name
+from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
+from hpcaux.train.lp.exchange import NeighbourExchange
+from hpcaux.train.lp.modules import aux_buffers
+from hpcaux.train.lp.store import SampleStats
+from hpcaux.train.run.layout import Layout
+from hpcaux.train.run.stop_request import StopVote
+
+
+@dataclass
+class StepOutputs:
+    """What the gradient pass of a step leaves for the apply pass and the logs."""
+    term: StageTerm
+    output: torch.Tensor                 # this rank's stage output, detached
+    target: torch.Tensor | None          # A_k(x) or z_k the output was pulled towards
+    multiplier: torch.Tensor | None      # the batch's AL multipliers before the update
+    times: dict = field(default_factory=dict)
+
+
+class LayerParallelStep:
+    """A rank's training step; the trainer wires it and calls it once per batch."""
+
+    def __init__(self, cfg: Config, layout: Layout, comm: Comm, device, *, stage, local_head, auxnet,
+                 stage_opt, aux_opt, store, shapes, stage_group, replica_group, stop_vote: StopVote,
+                 exchange: NeighbourExchange | None = None):
+        self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
+        self.stage, self.local_head, self.auxnet = stage, local_head, auxnet
+        self.stage_opt, self.aux_opt, self.store, self.shapes = stage_opt, aux_opt, store, shapes
+        self.stage_group, self.replica_group, self.stop_vote = stage_group, replica_group, stop_vote
+        self.exchange = exchange
+        self.stage_params = list(stage.parameters()) + (list(local_head.parameters()) if local_head else [])
+        s = layout.stage
+        self.in_boundary = s - 1 if s > 0 else None
+        self.out_boundary = s if s < layout.K - 1 else None
+        self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
+        self.allreduce_values = 0
+        self.epoch_stats = self.fresh_stats()
+
+    @staticmethod
+    def fresh_stats() -> dict:
+        """Per-sample statistics of what this rank writes in an epoch (multipliers, z)."""
+        return {"multiplier": SampleStats(), "z": SampleStats()}
+
+    # --- 1. inputs ----------------------------------------------------------------------
+    def inputs(self, x, idx, with_input: bool = True):
+        """(stage input, target, AuxNet outputs to back-propagate into) for a batch;
+        `with_input=False` skips the input head (a stage that trains on a real input only)."""
+        if self.auxnet is None:
+            def stored(b):
+                return self.store.read_rows(z_name(b), idx).to(self.device).requires_grad_()
+            inp = x if self.in_boundary is None else stored(self.in_boundary)
+            target = None if self.out_boundary is None else stored(self.out_boundary)
+            return inp, target, {}
+        wanted = [b for b in (self.in_boundary if with_input else None, self.out_boundary) if b is not None]
+        preds = self.auxnet(x, wanted) if wanted else {}
+        inp = x if self.in_boundary is None else preds[self.in_boundary].detach().requires_grad_() \
+            if with_input else None
+        target = None if self.out_boundary is None else preds[self.out_boundary].detach().requires_grad_()
+        return inp, target, preds
+
+    # --- 2. + 3. gradients and the step's communication ---------------------------------
+    def compute_gradients(self, x, y, idx, rho: float) -> StepOutputs:
+        """Forward, backward and the step's communication; leaves synchronised .grad.
+
+        With the neighbour exchange (lp.real_inputs), stage k also trains on stage k-1's
+        real output of the previous batch, returns its gradient, sends its own output on,
+        and back-propagates the gradient stage k+1 returned for its output of two steps ago."""
+        t0 = time.perf_counter()
+        exchange, lp = self.exchange, self.cfg.lp
+        real = exchange.real_input(y) if exchange else None
+        primary = not (real is not None and lp.real_inputs == "only" and self.layout.is_last)
+        t_wait = time.perf_counter() - t0
+        inp, target, preds = self.inputs(x, idx, with_input=primary)
+        t1 = time.perf_counter()
+        multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
+            if self.has_multipliers else None
+        terms, out = [], None
+        if primary:
+            out = self.stage(inp)
+            if exchange:
+                exchange.send_output(out, inp)
+            terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
+                                    local_head=self.local_head, local_weight=lp.local_cls_weight,
+                                    pull_stage=lp.consistency == "mutual"))
+        if real is not None:
+            terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
+                                         local_head=self.local_head, local_weight=lp.local_cls_weight))
+        tensors, grads = [sum(t.loss for t in terms)], [None]
+        delayed = exchange.delayed_gradient() if exchange else None
+        if delayed is not None:
+            tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
+            grads.append(delayed.grad)
+        self.stage_opt.zero_grad(set_to_none=True)
+        torch.autograd.backward(tensors, grads, retain_graph=exchange is not None and exchange.keeps_graph())
+        if exchange:
+            exchange.return_gradient(real)
+        t2 = time.perf_counter()
+        if self.auxnet is not None:
+            self.aux_opt.zero_grad(set_to_none=True)
+            pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target))
+                     if b is not None and t is not None]
+            torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        t3 = time.perf_counter()
+        self._synchronise(inp, target, idx, rho)
+        t4 = time.perf_counter()
+        term = terms[0] if len(terms) == 1 else StageTerm(tensors[0], terms[0].residual,
+                                                           {k: v for t in terms for k, v in t.parts.items()})
+        return StepOutputs(term, out.detach() if out is not None else None, target, multiplier,
+                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3 + t_wait})
+
+    def _synchronise(self, inp, target, idx, rho: float):
+        D = self.layout.D
+        if self.auxnet is not None:
+            for p in self.auxnet.parameters():
+                if p.grad is None:  # heads this rank did not use
+                    p.grad = torch.zeros_like(p)
+                p.grad.div_(D)
+            buffers = aux_buffers(self.auxnet)
+            for b in buffers:
+                b.div_(self.comm.size)
+            grads = [p.grad for p in self.auxnet.parameters()]
+            self.comm.allreduce(grads + buffers + [self.stop_vote.cast()], op="sum", what="allreduce AuxNet gradients")
+            self.allreduce_values = sum(t.numel() for t in grads + buffers)
+        else:
+            self._synchronise_stored_z(inp, target, idx, rho)
+        if D > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
+            self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
+            for p, g in zip(self.stage_params, grads):
+                p.grad = g
+
+    def _synchronise_stored_z(self, inp, target, idx, rho: float):
+        """Step each boundary's z of the batch with the gradients of the two stages that see it.
+
+        The two sides are preconditioned apart (docs/algorithm.md): the consistency term
+        of stage k (z is its target) by B x elements / rho, so it moves z a fraction z_lr
+        of the way to its minimiser F_k + lambda/rho; stage k+1's term (z is its input) by
+        B, so it moves z by z_lr x its per-sample gradient. Preconditioning both by
+        B x elements, as first built, multiplied stage k+1's gradient by the element count
+        (16,384 for ResNet-20 cut after block 4) and z diverged.
+        """
+        batch = len(idx)
+        grads = [torch.zeros(batch, *shape, device=self.device) for shape in self.shapes]
+        if self.in_boundary is not None:
+            grads[self.in_boundary] += inp.grad * batch
+        if self.out_boundary is not None:
+            grads[self.out_boundary] += target.grad * (batch * math.prod(self.shapes[self.out_boundary]) / rho)
+        # D = 1 in stored mode, so the replica group is the world and carries the stop vote.
+        self.comm.allreduce(grads + [self.stop_vote.cast()], op="sum", group=self.replica_group,
+                            what="allreduce stored-z gradients")
+        self.allreduce_values = sum(g.numel() for g in grads)
+        for b, t in ((self.in_boundary, inp), (self.out_boundary, target)):
+            if b is None:
+                continue
+            updated = t.detach() - self.cfg.lp.z_lr * grads[b]
+            self.store.write_rows(z_name(b), idx, updated)
+            if b == self.out_boundary:
+                self.epoch_stats["z"].add(updated)
+
+    # --- 4. apply -----------------------------------------------------------------------
+    def __call__(self, x, y, idx, rho: float) -> dict:
+        """The whole step; returns the numbers the epoch sums and the agreed stop vote."""
+        t0 = time.perf_counter()
+        step = self.compute_gradients(x, y, idx, rho)
+        t1 = time.perf_counter()
+        self.stage_opt.step()
+        if self.aux_opt:
+            self.aux_opt.step()
+        if self.has_multipliers:
+            updated = al_update(step.multiplier, step.term.residual, rho)
+            self.store.write_rows(lambda_name(self.out_boundary), idx, updated)
+            self.epoch_stats["multiplier"].add(updated)
+        t2 = time.perf_counter()
+        times = {**step.times, "step_s": t2 - t0}
+        times["stage_s"] += t2 - t1
+        gap = relative_gap(step.output, step.target.detach()) if step.target is not None else (0.0, 0.0)
+        if self.exchange:
+            self.exchange.end_step()
+        return {"loss": step.term.loss.item(), **step.term.parts, "gap_num": gap[0], "gap_den": gap[1], **times,
+                "stop": self.stop_vote.agreed}

@@ -1,0 +1,96 @@
+"""Stop requests: SIGUSR1 and SIGTERM make a run save a checkpoint and exit cleanly.
+
+SLURM sends SIGUSR1 ahead of a time limit or preemption (`#SBATCH --signal=USR1@120`)
+and SIGTERM when it ends a job; mpirun forwards SIGUSR1 to every rank. A signal reaches
+the ranks at different moments, so the handler only raises a flag (`StopRequest`); the
+flag is carried as a vote inside an allreduce (`StopVote`), so every rank sees the same
+verdict after the same step; `StopPoint` then decides where the run checkpoints and
+unwinds (docs/design.md §5). Further signals change nothing: under SLURM a task can get
+the same SIGTERM from slurmd and from srun, and dying on the second would lose the save.
+SIGINT (Ctrl-C) and SIGKILL still end a process at once.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import torch
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StoppedBySignal(Exception):
+    """Raised on every rank, after the checkpoint is committed, when a stop was agreed."""
+
+
+class StopRequest:
+    def __init__(self):
+        self.signal_name: str | None = None
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame):
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def vote(self) -> float:
+        """This rank's vote for the stop allreduce: 1 when a signal arrived, else 0."""
+        return 1.0 if self.requested else 0.0
+
+
+class StopVote:
+    """This rank's vote as a one-element tensor that rides in an allreduce (sum > 0: stop)."""
+
+    def __init__(self, request: StopRequest | None, device: torch.device):
+        self.request = request
+        self.tensor = torch.zeros(1, device=device)
+
+    def cast(self) -> torch.Tensor:
+        """Fill in this rank's vote; pass the result to the allreduce."""
+        return self.tensor.fill_(self.request.vote() if self.request else 0.0)
+
+    @property
+    def agreed(self) -> bool:
+        """The verdict, once the allreduce that carried the vote has run."""
+        return self.tensor.item() > 0
+
+    def agree_alone(self, comm) -> bool:
+        """The vote in an allreduce of its own, for a phase without a world allreduce."""
+        comm.allreduce([self.cast()], op="sum", what="allreduce stop votes")
+        return self.agreed
+
+
+class StopPoint:
+    """Where an agreed stop checkpoints, so that `--resume` continues the same run.
+
+    A stop agreed inside an epoch checkpoints after that step (the resume skips the steps
+    already made); one agreed on an epoch's last step lets the epoch be recorded first and
+    checkpoints at the start of the next, unless the run ends there anyway.
+    `save(epoch, step_in_epoch)` writes the checkpoint on every rank.
+    """
+
+    def __init__(self, save: Callable[[int, int], None], steps_per_epoch: int):
+        self.save, self.steps = save, steps_per_epoch
+        self.pending = False
+
+    def after_step(self, agreed: bool, epoch: int, step_in_epoch: int):
+        """Called after every step with the agreed vote; epoch 0-based, step_in_epoch 1-based."""
+        if not agreed:
+            return
+        if step_in_epoch < self.steps:
+            self._stop(epoch, step_in_epoch)
+        self.pending = True
+
+    def after_epoch(self, epochs_done: int, last_epoch: int):
+        """Called once the epoch is recorded; stops when the vote came on its last step."""
+        if self.pending and epochs_done < last_epoch:
+            self._stop(epochs_done, 0)
+        self.pending = False
+
+    def _stop(self, epoch: int, step_in_epoch: int):
+        self.save(epoch, step_in_epoch)
+        raise StoppedBySignal(epoch * self.steps + step_in_epoch)

@@ -1,0 +1,121 @@
+"""Unit tests of the small pure pieces: schedules, the launch environment, per-sample
+statistics, the stop point and the shared epoch loop."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hpcaux.comm import launch
+from hpcaux.train.loop import EpochLoop, LrSchedule
+from hpcaux.train.lp.store import SampleStats
+from hpcaux.train.run.schedules import learning_rate, rho_at_epoch
+from hpcaux.train.run.stop_request import StopPoint, StoppedBySignal
+
+pytestmark = pytest.mark.quick
+
+
+def optim(**kw):
+    base = dict(lr=0.1, warmup_epochs=0, schedule="cosine", gamma=0.1, milestones=[0.5, 0.75])
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_cosine_starts_at_lr_ends_near_zero_and_halves_midway():
+    cfg = optim()
+    assert learning_rate(cfg, 0, 100, 10) == pytest.approx(0.1)
+    assert learning_rate(cfg, 50, 100, 10) == pytest.approx(0.05)
+    assert learning_rate(cfg, 99, 100, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.99)))
+
+
+def test_warmup_is_linear_then_the_decay_starts_from_lr():
+    cfg = optim(warmup_epochs=2)
+    assert [learning_rate(cfg, s, 100, 10) for s in (0, 9, 19)] == pytest.approx([0.005, 0.05, 0.1])
+    assert learning_rate(cfg, 20, 100, 10) == pytest.approx(0.1)  # first step after the warm-up
+    assert learning_rate(cfg, 60, 100, 10) == pytest.approx(0.05)  # half-way through the decay
+
+
+def test_step_schedule_multiplies_by_gamma_at_each_milestone():
+    cfg = optim(schedule="step")
+    assert [learning_rate(cfg, s, 100, 10) for s in (49, 50, 74, 75)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
+
+
+def test_base_lr_overrides_the_configured_lr():
+    assert learning_rate(optim(schedule="constant"), 5, 10, 1, base_lr=0.01) == pytest.approx(0.01)
+
+
+def test_rho_grows_geometrically_and_is_capped():
+    lp = SimpleNamespace(rho0=1.0, rho_growth=2.0, rho_max=5.0)
+    assert [rho_at_epoch(lp, e) for e in range(4)] == [1.0, 2.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("env,rank,size,local_rank,local_size", [
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 3, 4, 1, 2),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4(x2)"}, 5, 8, 1, 4),
+    ({"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}, 2, 3, 0, 1),  # torchrun
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}, 1, 2, 1, 2),  # MPICH
+    ({}, 0, 1, 0, 1),
+])
+def test_launch_environment_of_every_launcher(monkeypatch, env, rank, size, local_rank, local_size):
+    for name in {*launch.RANK_VARS, *launch.SIZE_VARS, *launch.LOCAL_RANK_VARS, *launch.LOCAL_SIZE_VARS}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (launch.world_rank(), launch.world_size(), launch.local_rank(), launch.local_size()) == \
+        (rank, size, local_rank, local_size)
+
+
+def test_sample_stats_match_torch_over_several_batches():
+    values = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    stats = SampleStats()
+    for batch in values:
+        stats.add(batch)
+    flat = values.flatten().double()
+    assert stats.mean() == pytest.approx(flat.mean().item())
+    assert stats.std() == pytest.approx(flat.std(unbiased=False).item())
+    assert stats.rms() == pytest.approx(flat.pow(2).mean().sqrt().item())
+    assert math.isnan(SampleStats().rms()) and math.isnan(SampleStats().std())
+
+
+def test_stop_inside_an_epoch_saves_there_and_on_its_last_step_after_the_epoch():
+    saved = []
+    point = StopPoint(lambda epoch, step: saved.append((epoch, step)), steps_per_epoch=10)
+    point.after_step(False, 0, 3)
+    with pytest.raises(StoppedBySignal) as stopped:
+        point.after_step(True, 2, 4)
+    assert saved == [(2, 4)] and stopped.value.args[0] == 24
+    point.after_step(True, 2, 10)  # the epoch's last step: the epoch is recorded first
+    assert saved == [(2, 4)]
+    with pytest.raises(StoppedBySignal):
+        point.after_epoch(3, last_epoch=5)
+    assert saved[-1] == (3, 0)
+    point.after_step(True, 4, 10)
+    point.after_epoch(5, last_epoch=5)  # the run ends here anyway: no stop checkpoint
+    assert saved[-1] == (3, 0)
+
+
+class _Bar:
+    def __init__(self):
+        self.updates = []
+
+    def update(self, text):
+        self.updates.append(text)
+
+
+def test_epoch_loop_sets_the_schedule_per_step_and_sums_what_steps_report():
+    weights = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([weights], lr=1.0)
+    seen_lr, context = [], {}
+
+    def step(x, y, idx):
+        seen_lr.append(opt.param_groups[0]["lr"])
+        return {"loss": float(x), "count": 1}
+
+    loop = EpochLoop([opt], LrSchedule(optim(warmup_epochs=1), total_steps=6, steps_per_epoch=3), step, _Bar(), context,
+                     label="finetune ")
+    batches = [(torch.tensor(v), None, None) for v in (1.0, 2.0, 3.0)]
+    first = loop.run_epoch(0, batches)
+    second = loop.run_epoch(1, batches)
+    assert seen_lr == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.075, 0.025])
+    assert first.sums == {"loss": 6.0, "count": 3} and first.mean("loss") == 2.0 and second.lr == pytest.approx(0.025)
+    assert loop.step == 6 and context["step"] == "finetune 5"
