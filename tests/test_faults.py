@@ -87,6 +87,25 @@ def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_
     assert epochs == [1, 2, 3]
 
 
+def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange(tmp_path, cifar_root):
+    """Messages of the exchange are in flight at every step: a stop settles them (no
+    hang), saves every step made, and the resumed run starts the exchange afresh."""
+    common = [f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=3", "lp.real_inputs=beside",
+              "lp.delayed_grad=keep"]
+    stopped = tmp_path / "stopped"
+    proc = start(2, stopped, *common)
+    wait_for_epochs(stopped, 1, proc)
+    proc.send_signal(signal.SIGUSR1)
+    code, stdout, stderr, took = finish(proc, 120)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    manifest = json.loads((stopped / "ckpt" / "latest" / "manifest.json").read_text())
+    assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] >= 16
+    check(mpirun(2, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["test_acc"] * 100 == pytest.approx(round(summary["test_acc"] * 100))
+
+
 @pytest.mark.parametrize("np_", [2, 3])
 def test_a_killed_rank_ends_the_job_and_resume_continues_from_latest(np_, tmp_path, cifar_root):
     out = tmp_path / "run"

@@ -40,6 +40,13 @@ def test_finetune_step_equals_one_process_backprop(np, D, cifar_root, tmp_path):
     assert out.count("fine-tune gradients match") == np
 
 
+@pytest.mark.parametrize("mode", ["keep", "replay"])
+@pytest.mark.parametrize("backend", installed_backends())
+def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode, backend, cifar_root, tmp_path):
+    out = _check_script(2, "check_exchange.py", backend, cifar_root, tmp_path, mode)
+    assert f"exchange ({mode}): real inputs one step late" in out
+
+
 def test_pipeline_step_equals_one_process_backprop(cifar_root, tmp_path):
     out = _check_script(2, "check_pipeline.py", cifar_root, tmp_path, 2)
     assert out.count("pipeline gradients match") == 2

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hpcaux.bench.report import time_to_accuracy
 from hpcaux.comm import launch
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.store import SampleStats
@@ -119,3 +120,10 @@ def test_epoch_loop_sets_the_schedule_per_step_and_sums_what_steps_report():
     assert seen_lr == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.075, 0.025])
     assert first.sums == {"loss": 6.0, "count": 3} and first.mean("loss") == 2.0 and second.lr == pytest.approx(0.025)
     assert loop.step == 6 and context["step"] == "finetune 5"
+
+
+def test_time_to_accuracy_is_the_first_epoch_reaching_the_target():
+    curve = [[10.0, 0.4], [20.0, 0.61], [30.0, 0.59], [40.0, 0.7]]
+    assert time_to_accuracy(curve, 0.6) == 20.0
+    assert time_to_accuracy(curve, 0.7) == 40.0
+    assert time_to_accuracy(curve, 0.71) is None

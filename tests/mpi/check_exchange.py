@@ -1,0 +1,108 @@
+"""The neighbour exchange under mpirun -np 2:  python check_exchange.py BACKEND DATA_ROOT RUN_DIR MODE
+
+MODE is keep or replay (lp.real_inputs=beside). Over the first steps of an epoch:
+* stage 2's real input at step s is exactly stage 1's output on batch s-1, with batch
+  s-1's labels (none at step 0);
+* the gradient stage 1 applies at step s is exactly the one stage 2 returned for batch
+  s-2 (none at steps 0 and 1);
+* stage 1's parameter gradient at step s is that of its own term on batch s plus the
+  returned gradient back-propagated through its stage at the weights of step s-2 (keep)
+  or of step s (replay), computed here on copies;
+* a stop in the middle of the epoch drains the exchange without a hang.
+"""
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+from common import make_comm, tiny_config
+from hpcaux.train.layer_parallel import LayerParallelTrainer
+from hpcaux.train.lp.exchange import delayed_graphs_outlive_steps
+from hpcaux.train.lp.losses import stage_term
+
+backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+comm = make_comm(backend)
+cfg = tiny_config(data_root, backend, 2, 1, "lp.real_inputs=beside", f"lp.delayed_grad={mode}", "train.batch_size=32",
+                  "data.train_subset=512")
+trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
+step, exchange, stage = trainer.step, trainer.step.exchange, trainer.stage
+rho, first, STEPS = 1.0, 0, 5
+record = {"sent": {}, "real": {}, "returned": {}, "applied": {}}
+
+# Record what crosses ranks, by the step it happens at.
+send_output, real_input, return_gradient, delayed_gradient = (exchange.send_output, exchange.real_input,
+                                                              exchange.return_gradient, exchange.delayed_gradient)
+
+
+def recording_send(output, stage_input):
+    record["sent"][exchange.step] = output.detach().clone()
+    send_output(output, stage_input)
+
+
+def recording_real(labels):
+    real = real_input(labels)
+    record["real"][exchange.step] = None if real is None else (real.tensor.detach().clone(), real.labels.clone())
+    return real
+
+
+def recording_return(real):
+    if real is not None:
+        record["returned"][exchange.step] = real.tensor.grad.clone()
+    return_gradient(real)
+
+
+def recording_delayed():
+    delayed = delayed_gradient()
+    record["applied"][exchange.step] = None if delayed is None else delayed.grad.clone()
+    return delayed
+
+
+exchange.send_output, exchange.real_input = recording_send, recording_real
+exchange.return_gradient, exchange.delayed_gradient = recording_return, recording_delayed
+
+exchange.start_epoch(first)
+snapshots, batches = {}, []
+with delayed_graphs_outlive_steps(mode == "keep"):
+    for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
+        if s == STEPS:
+            break
+        batches.append((x, y))
+        if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
+            with torch.no_grad():
+                target = trainer.auxnet(x, [0])[0]
+            snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), target)
+        outputs = step.compute_gradients(x, y, idx, rho)
+        if trainer.layout.is_first and s >= 2:
+            # expected: own term at the weights of step s, plus the returned gradient for
+            # batch s-2 through the stage at the weights of step s-2 (keep) or s (replay)
+            now, head, target = snapshots[s]
+            term = stage_term(now(x), target, y, is_last=False, rho=rho, local_head=head,
+                              local_weight=cfg.lp.local_cls_weight)
+            term.loss.backward()
+            then = snapshots[s - 2][0] if mode == "keep" else copy.deepcopy(snapshots[s][0])
+            then.zero_grad()
+            then(batches[s - 2][0]).backward(record["applied"][s])
+            for p, own, delayed in zip(stage.parameters(), now.parameters(), then.parameters()):
+                expected = own.grad + delayed.grad
+                assert torch.allclose(p.grad, expected, rtol=1e-4, atol=1e-6), \
+                    f"step {s}: stage 1 gradient differs by {(p.grad - expected).abs().max().item():.3e}"
+        trainer.stage_opt.step()
+        trainer.aux_opt.step()
+        exchange.end_step()
+    exchange.drain()  # a stop after step STEPS-1, inside the epoch: nothing may hang
+
+torch.save({k: v for k, v in record.items()}, run_dir / f"record_{comm.rank}.pt")
+comm.barrier()
+if comm.rank == 0:
+    mine, theirs = record, torch.load(run_dir / "record_1.pt")
+    assert theirs["real"][0] is None and mine["applied"][0] is None and mine["applied"][1] is None
+    for s in range(1, STEPS):
+        got, labels = theirs["real"][s]
+        assert torch.equal(got, mine["sent"][s - 1]), f"real input at step {s} is not stage 1's output on batch {s - 1}"
+        assert torch.equal(labels, batches[s - 1][1]), f"labels at step {s} are not batch {s - 1}'s"
+    for s in range(2, STEPS):
+        assert torch.equal(mine["applied"][s], theirs["returned"][s - 1]), f"gradient applied at step {s} differs"
+    print(f"exchange ({mode}): real inputs one step late, gradients two steps late, stage gradients match")
+trainer.store.close(comm.barrier)
+comm.finalize()
