@@ -17,8 +17,16 @@ from hpcaux.errors import UserError, storage_problem
 from hpcaux.train.run.rundir import check_run_dir, create_run
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one `hpcaux: error:` line (exit 2)
+    like every other bad input, not a usage block; --help still prints the usage."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpcaux", description="Layer-parallel ResNet training with auxiliary-variable networks.")
+    parser = _Parser(prog="hpcaux", description="Layer-parallel ResNet training with auxiliary-variable networks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model (serial, or layer-parallel under mpirun/srun/horovodrun)",
@@ -185,8 +193,8 @@ def _abort_job(code: int):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         return {"train": _train, "eval": _eval, "analyze": _analyze, "bench": _bench, "data": _data}[args.command](args)
     except UserError as err:
         if launch.world_rank() == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ class CheckpointConfig:
 class Config:
     method: str = field(default="serial", metadata={"choices": ("serial", "layer_parallel", "data_parallel", "pipeline"),
                                                     "help": "data_parallel and pipeline are the baselines of hpcaux bench (docs/benchmarks.md)"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -178,7 +179,14 @@ def _coerce(key: str, typ, value):
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan and .inf would pass every range check below
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
     elif typ is str:
         if isinstance(value, str):
@@ -266,17 +274,36 @@ def _check_consistency(cfg: Config):
         raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently, so a typo'd duplicate would override the intended value unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
     """A YAML file that must hold a mapping, with one clear line for each way it can fail."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{what} {path} is not valid YAML{where}") from None
+        problem = f": {err.problem}" if getattr(err, "problem", None) and "duplicate" in err.problem else ""
+        raise UserError(f"{what} {path} is not valid YAML{where}{problem}") from None
+    if tree is None:  # an empty file (or only comments): the defaults
+        return {}
     if not isinstance(tree, dict):
         raise UserError(f"{what} {path} must hold a mapping of keys, not {type(tree).__name__}")
     return tree

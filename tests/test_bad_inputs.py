@@ -4,13 +4,15 @@ exit status 2, no traceback, and leaves every existing file byte-identical.
 All cases share one workspace holding a resumable run (`victim`), broken copies of it and
 of the data; its digest is compared before and after each case.
 """
+import json
 import shutil
 import subprocess
 import sys
 
+import h5py
 import pytest
 
-from conftest import HPCAUX, ROOT, check, digest, mpirun, run
+from conftest import ARCHIVE, HPCAUX, ROOT, check, digest, mpirun, run
 
 LP = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
 SERIAL = str(ROOT / "configs" / "cifar10_resnet20_serial.yaml")
@@ -36,6 +38,24 @@ def ws(tmp_path_factory, cifar_root):
     (ws / "bad.yaml").write_text("model: {arch: resnet20\noptim: [\n")
     (ws / "list.yaml").write_text("- method\n- serial\n")
     (ws / "not_hdf5.h5").write_text("this is not an HDF5 file\n")
+    (ws / "dup.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    (ws / "false.yaml").write_text("false\n")
+    (ws / "latin1.yaml").write_bytes("method: s\xe9rial\n".encode("latin-1"))
+    with h5py.File(ws / "no_epoch.h5", "w") as f:  # a store whose run died in its first epoch
+        f.create_group("meta").attrs["K"] = 2
+        f.create_dataset("metrics/composed_acc", shape=(0,), maxshape=(None,), dtype="f8")
+    al = ws / "al_victim"
+    check(mpirun(2, [HPCAUX, "train", "--config", LP, "--out", str(al), f"data.root={cifar_root}", *TINY,
+                     "train.epochs=2", "lp.loss=al", "lp.multipliers=per_sample", "--max-epochs", "1"], timeout=300))
+    done = ws / "done"
+    check(mpirun(2, [HPCAUX, "train", "--config", LP, "--out", str(done), f"data.root={cifar_root}", *TINY,
+                     "train.epochs=1"], timeout=300))
+    shutil.copytree(victim, ws / "copied", symlinks=False)  # `cp -rL`: ckpt/latest becomes a folder
+    shutil.copytree(victim, ws / "empty_store", symlinks=True)
+    (ws / "empty_store" / "aux.h5").write_bytes(b"")
+    shutil.copytree(victim, ws / "odd_manifest", symlinks=True)
+    manifest = ws / "odd_manifest" / "ckpt" / "epoch_1" / "manifest.json"
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "phase"}))
     source = cifar_root / "cifar-10-batches-py"
     for name, change in (("truncated", "data_batch_2"), ("partial", "data_batch_3")):
         folder = ws / name / "cifar-10-batches-py"
@@ -116,6 +136,45 @@ CATALOGUE = {
                                   "config key 'train.device' is cuda but torch sees no GPU"),
     "data archive missing": (1, ["data", "cifar10", "{ws}/newdata", "--from", "{ws}/none.tar.gz"],
                              "archive {ws}/none.tar.gz does not exist"),
+    # --- issue 14: numbers that are not numbers, files that are not configs, runs that must not be lost
+    "NaN learning rate": (1, ["train", "--config", SERIAL, "--out", "{ws}/new", "optim.lr=.nan"],
+                          "config key 'optim.lr' must be a finite number, got nan"),
+    "infinite rho cap": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.rho_max=.inf"],
+                         "config key 'lp.rho_max' must be a finite number, got inf"),
+    "NaN watchdog timeout": (1, ["train", "--config", LP, "--out", "{ws}/new", "comm.timeout_s=.nan"],
+                             "config key 'comm.timeout_s' must be a finite number"),
+    "seed beyond the generator": (1, ["train", "--config", SERIAL, "--out", "{ws}/new", "seed=99999999999"],
+                                  "config key 'seed' must be <= 4294967295"),
+    "duplicate YAML key": (1, ["train", "--config", "{ws}/dup.yaml", "--out", "{ws}/new"],
+                           "is not valid YAML at line 3: duplicate key 'lr'"),
+    "config file is false": (1, ["train", "--config", "{ws}/false.yaml", "--out", "{ws}/new"],
+                             "must hold a mapping of keys, not bool"),
+    "config file not UTF-8": (1, ["train", "--config", "{ws}/latin1.yaml", "--out", "{ws}/new"],
+                              "config file {ws}/latin1.yaml is not UTF-8 text"),
+    "bad option value": (1, ["train", "--config", SERIAL, "--out", "{ws}/new", "--max-epochs", "x"],
+                         "hpcaux train: argument --max-epochs: invalid int value: 'x'"),
+    "unknown subcommand": (1, ["trian"], "invalid choice: 'trian'"),
+    "--out below a file": (1, ["train", "--config", SERIAL, "--out", "{ws}/bad.yaml/run"],
+                           "run directory {ws}/bad.yaml/run is below {ws}/bad.yaml, which is a file"),
+    "--overwrite with a late failing check": (2, lp("--out", "{ws}/victim", "--overwrite", "data.root={data}", *TINY,
+                                                    "train.batch_size=512"),
+                                              "config key 'train.batch_size' (512) x replicas (1) exceeds the 96"),
+    "probe set beyond the test set": (2, lp("--out", "{ws}/new", "data.root={data}", *TINY, "store.probe_size=20000"),
+                                      "config key 'store.probe_size' (20000) exceeds the 10000 test images"),
+    "--resume of a finished run": (2, ["train", "--resume", "{ws}/done"], "run {ws}/done is finished"),
+    "--resume of a run copied with cp -rL": (2, ["train", "--resume", "{ws}/copied"],
+                                             "{ws}/copied/ckpt/latest is a copy, not a link"),
+    "--resume with an empty aux.h5": (2, ["train", "--resume", "{ws}/empty_store"],
+                                      "HDF5 store {ws}/empty_store/aux.h5 is missing or empty"),
+    "--resume with a manifest missing a key": (2, ["train", "--resume", "{ws}/odd_manifest"],
+                                               "manifest.json lacks phase"),
+    "--resume of an AL run on another subset": (2, ["train", "--resume", "{ws}/al_victim", "data.train_subset=128"],
+                                                "holds boundary_0/lambda with shape (96,"),
+    "analyze into a file": (1, ["analyze", "{ws}/victim/aux.h5", "--out", "{ws}/bad.yaml"],
+                            "plot folder {ws}/bad.yaml is (or is below) {ws}/bad.yaml, a file"),
+    "analyze before the first epoch": (1, ["analyze", "{ws}/no_epoch.h5"], "has no finished epoch yet"),
+    "data into a file": (1, ["data", "cifar10", "{ws}/bad.yaml", "--from", str(ARCHIVE)],
+                         "data destination {ws}/bad.yaml is (or is below) {ws}/bad.yaml, a file"),
 }
 
 

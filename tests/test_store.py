@@ -105,6 +105,34 @@ def test_latest_never_names_a_half_written_checkpoint(tmp_path, cifar_root):
     assert not (out / "ckpt" / "epoch_3").exists()  # the last epoch is saved once, as final
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, cifar_root):
+    out = tmp_path / "run"
+    check(train(2, out, f"data.root={cifar_root}", "train.epochs=1", "parallel.cuts=[4]"))
+    old = digest(out)
+    # the new run dies while writing its first checkpoint: the old run is still there, whole
+    proc = train(2, out, f"data.root={cifar_root}", "train.epochs=2", "parallel.cuts=[4]", "--overwrite",
+                 env={"HPCAUX_FAULT_KILL_IN_SAVE": "1:epoch_1"})
+    assert proc.returncode != 0
+    assert digest(out / ".replaced") == old
+    # the next attempt finishes; once it has committed a checkpoint the old run is gone
+    check(train(2, out, f"data.root={cifar_root}", "train.epochs=2", "parallel.cuts=[4]", "--overwrite"))
+    assert not (out / ".replaced").exists()
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_after_a_death_in_a_checkpoint_write_keeps_one_metrics_row_per_epoch(tmp_path, cifar_root):
+    """The row of epoch 2 is written before its checkpoint; the job dies in between; the
+    resume redoes epoch 2 and must not leave the row twice."""
+    out = tmp_path / "run"
+    proc = train(2, out, f"data.root={cifar_root}", "train.epochs=3", "parallel.cuts=[4]",
+                 env={"HPCAUX_FAULT_KILL_IN_SAVE": "1:epoch_2"})
+    assert proc.returncode != 0
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    check(mpirun(2, [HPCAUX, "train", "--resume", str(out)], timeout=300))
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_corrupt_checkpoint_and_store_are_clear_errors_and_touch_nothing(tmp_path, cifar_root):
     out = tmp_path / "run"
     check(train(2, out, f"data.root={cifar_root}", "train.epochs=2", "parallel.cuts=[4]", "--max-epochs", "1"))

@@ -142,7 +142,13 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
 
 
 def analyze(path: Path, out_dir: Path | None = None) -> tuple[str, list[Path]]:
+    out_dir = out_dir or Path(path).parent / "analysis"
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"plot folder {out_dir} is (or is below) {blocking}, a file, not a directory")
     view = StoreView(Path(path))
+    if view.epochs == 0:
+        raise UserError(f"HDF5 store {path} has no finished epoch yet: nothing to analyse")
     table = summary_table(view)
-    plots = make_plots(view, out_dir or Path(path).parent / "analysis")
+    plots = make_plots(view, out_dir)
     return table, plots

@@ -101,6 +101,9 @@ def prepare(dataset: str, dest: str | Path, archive: str | Path) -> Path:
         return dest / folder
     if (dest / folder).exists():
         raise UserError(f"{dest / folder} exists but is incomplete; move it away and run again")
+    blocking = next((p for p in (dest, *dest.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"data destination {dest} is (or is below) {blocking}, a file, not a directory")
     dest.mkdir(parents=True, exist_ok=True)
     with _open_archive(Path(archive)) as tar, tempfile.TemporaryDirectory(dir=dest) as tmp:
         staging = Path(tmp)

@@ -89,7 +89,10 @@ def contiguous_runs(sorted_idx: np.ndarray):
 
 
 class AuxStore:
-    def __init__(self, run_dir: Path, rank: int, size: int, mode: str, mpi_comm=None, guard=None):
+    def __init__(self, run_dir: Path, rank: int, size: int, mode: str, mpi_comm=None, guard=None,
+                 resume: bool = False):
+        """`resume`: the file must be there and hold a run (h5py's mode "a" would silently
+        re-create a missing or empty one, losing the per-sample state the run resumes)."""
         self.run_dir, self.rank, self.size, self.mode = Path(run_dir), rank, size, mode
         self.mpi_comm = mpi_comm
         self._guard = guard
@@ -98,12 +101,22 @@ class AuxStore:
         self.series_rows: dict[str, int] = {}  # rows of each growable series (all ranks know)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.path if mode == "mpio" else self.run_dir / f"aux.rank{rank}.h5"
+        # per_rank: rank 0's file holds /meta and the series; a rank beyond the old world
+        # (a resume with more replicas) starts a file of its own
+        must_exist = resume and (mode == "mpio" or rank == 0)
+        if (must_exist and not path.is_file()) or (resume and path.is_file() and path.stat().st_size == 0):
+            raise UserError(f"HDF5 store {path} is missing or empty, but the run resumes from it "
+                            f"(it holds the run's metrics and per-sample state): restore it from a copy")
+        access = "r+" if must_exist else "a"
         try:
             with self._collective(f"open {path.name}"):
-                self.file = (h5py.File(path, "a", driver="mpio", comm=mpi_comm) if mode == "mpio"
-                             else h5py.File(path, "a"))
+                self.file = (h5py.File(path, access, driver="mpio", comm=mpi_comm) if mode == "mpio"
+                             else h5py.File(path, access))
         except OSError as err:
             raise UserError(f"HDF5 store {path} is corrupt or unreadable ({str(err).splitlines()[0]})") from None
+        if must_exist and META not in self.file:
+            self.file.close()
+            raise UserError(f"HDF5 store {path} holds no hpcaux run (/{META} is missing): restore it from a copy")
 
     def _collective(self, what: str):
         """The watchdog's guard around a collective HDF5 call (a no-op per rank)."""
@@ -124,9 +137,13 @@ class AuxStore:
                     with self._collective(f"widen {spec.name}"):
                         ds.resize(spec.shape[1], axis=1)
                 return
-            if ds.shape[1:] != spec.shape[1:] or ds.dtype != np.dtype(spec.dtype):
-                raise UserError(f"{self._file_name()} holds {spec.name} with shape {ds.shape} {ds.dtype}, "
-                                f"this run needs {spec.shape} {spec.dtype}")
+            # a series grows along epochs; a per-sample array must match whole (a resume with
+            # another data.train_subset would otherwise index past it or mix samples)
+            shape_fits = ds.shape[1:] == spec.shape[1:] if spec.growable else ds.shape == spec.shape
+            chunks_fit = spec.chunks is None or ds.chunks == tuple(spec.chunks)
+            if not shape_fits or ds.dtype != np.dtype(spec.dtype) or not chunks_fit:
+                raise UserError(f"{self._file_name()} holds {spec.name} with shape {ds.shape} {ds.dtype} "
+                                f"(chunks {ds.chunks}), this run needs {spec.shape} {spec.dtype} (chunks {spec.chunks})")
             return
         maxshape = None
         if spec.growable:
@@ -275,7 +292,7 @@ def _collective_rows_write(ds, start: int, data: np.ndarray | None):
     ds.id.write(mspace, fspace, data, dxpl=dxpl)
 
 
-def open_store_for_run(run_dir: Path, comm, requested: str) -> AuxStore:
+def open_store_for_run(run_dir: Path, comm, requested: str, resume: bool = False) -> AuxStore:
     """The store in the mode the config asks for (`auto`: mpio where it can work)."""
     mpi_comm = None
     if requested in ("auto", "mpio"):
@@ -284,7 +301,7 @@ def open_store_for_run(run_dir: Path, comm, requested: str) -> AuxStore:
         raise UserError("config key 'store.mode' is mpio, but h5py has no parallel HDF5 or the job has no MPI world; "
                         "use store.mode=per_rank")
     mode = "mpio" if mpi_comm is not None and mpio_available() and requested != "per_rank" else "per_rank"
-    return AuxStore(run_dir, comm.rank, comm.size, mode, mpi_comm, comm.watchdog.guard)
+    return AuxStore(run_dir, comm.rank, comm.size, mode, mpi_comm, comm.watchdog.guard, resume=resume)
 
 
 def _mpi_world():

@@ -32,7 +32,7 @@ from hpcaux.train.run.evaluate import evaluate_model
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.progress import Progress
-from hpcaux.train.run.rundir import MetricsLog, write_json
+from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
 
 
@@ -61,9 +61,9 @@ class BaselineTrainer:
 
     def run(self) -> dict:
         cfg, is_root = self.cfg, self.comm.rank == 0
+        steps = self.data.steps_per_epoch(cfg.train.batch_size, self.replicas)
         self.comm.agree(lambda: self.create_run() if is_root else None, "creating the run directory")
         log = MetricsLog(self.run_dir, fresh=True) if is_root else None
-        steps = self.data.steps_per_epoch(cfg.train.batch_size, self.replicas)
         progress = Progress(steps * cfg.train.epochs, cfg.train.progress, self.comm.rank)
         loop = EpochLoop([self.optimizer], LrSchedule(cfg.optim, steps * cfg.train.epochs, steps), self._timed_step,
                          progress, self.comm.watchdog.context)
@@ -93,6 +93,7 @@ class BaselineTrainer:
                    "threads": torch.get_num_threads(), "backend": self.comm.name, **self._extra_summary()}
         if is_root:
             write_json(self.run_dir / "summary.json", summary)
+            discard_set_aside(self.run_dir)
         return summary
 
     def _timed_step(self, x, y, _idx) -> dict:

@@ -22,7 +22,6 @@ from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
 from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
 from hpcaux.store.aux_store import open_store_for_run
-from hpcaux.store.names import z_name
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
@@ -32,14 +31,14 @@ from hpcaux.train.lp.metrics import HeldOutMetrics
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
 from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
 from hpcaux.train.lp.step import LayerParallelStep
-from hpcaux.train.lp.store import RunStore
+from hpcaux.train.lp.store import RunStore, init_stored_z
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.progress import Progress
-from hpcaux.train.run.rundir import MetricsLog, write_json
+from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
 from hpcaux.train.run.schedules import rho_at_epoch
-from hpcaux.train.run.stop_request import StopPoint, StoppedBySignal, StopRequest, StopVote
+from hpcaux.train.run.stop_request import NonFiniteLoss, StopPoint, StoppedBySignal, StopRequest, StopVote
 
 
 class LayerParallelTrainer:
@@ -62,6 +61,10 @@ class LayerParallelTrainer:
         self.resume_from, manifest = comm.agree(lambda: read_resume_manifest(run_dir, K), "the checkpoint") \
             if resume else (None, None)
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
+        self.steps = self.data.steps_per_epoch(cfg.train.batch_size, lay.D)  # same on every rank
+        if cfg.store.probe_size > self.data.n_test:
+            raise UserError(f"config key 'store.probe_size' ({cfg.store.probe_size}) exceeds the "
+                            f"{self.data.n_test} test images it is drawn from")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         self.cuts = manifest["cuts"] if manifest else \
@@ -83,11 +86,11 @@ class LayerParallelTrainer:
             comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
         if create_run is not None:
             comm.agree(lambda: create_run() if comm.rank == 0 else None, "creating the run directory")
-        self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode), "the HDF5 store")
+        self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode, resume=resume),
+                                "the HDF5 store")
         self.run_store = comm.agree(lambda: RunStore(self.store, cfg, lay, self.shapes, self.data.n_train),
                                     "the HDF5 store layout")
-        self.stop_request, self.stop_vote = stop, StopVote(stop, device)
-        self.steps = self.data.steps_per_epoch(cfg.train.batch_size, lay.D)
+        self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size, self.steps, device,
                                      cfg.lp.delayed_grad) if cfg.lp.real_inputs != "none" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
@@ -95,35 +98,13 @@ class LayerParallelTrainer:
                                       store=self.store, shapes=self.shapes, stage_group=stage_group,
                                       replica_group=replica_group, stop_vote=self.stop_vote, exchange=exchange)
         if cfg.lp.aux_source == "stored" and not resume:
-            self._init_stored_z(stages)
+            wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
+            init_stored_z(self.store, stages, wanted, self.data, cfg.train.eval_batch_size, device, comm.barrier)
         self.chain = StageChain(comm, lay, self.stage, self.shapes, device)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
         self.start_epoch = manifest["epoch"] if manifest else 0
         # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made.
         self.start_step_in_epoch = manifest.get("step_in_epoch", 0) if manifest else 0
-
-    @torch.no_grad()
-    def _init_stored_z(self, stages):
-        """z_k of every training sample, from a forward pass of the initial composed network.
-
-        Every rank holds the whole initial model (same seed), so ranks k and k+1 compute
-        the same z_k without communicating; they write it to the store (its owner only,
-        in mpio mode).
-        """
-        wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
-        for st in stages:
-            st.eval()
-        batch = self.cfg.train.eval_batch_size
-        for start in range(0, self.data.n_train, batch):
-            idx = torch.arange(start, min(start + batch, self.data.n_train))
-            h = self.data.normalized_train(idx, self.device)
-            for b in range(max(wanted) + 1):
-                h = stages[b](h)
-                if b in wanted:
-                    self.store.fill_rows(z_name(b), start, h)
-        for st in stages:
-            st.train()
-        self.store.flush(self.comm.barrier)
 
     def batches(self, epoch: int, augment: bool):
         """This replica's batches of an epoch; a resume inside this epoch skips those already
@@ -142,6 +123,10 @@ class LayerParallelTrainer:
         schedule. A stop signal checkpoints after the current step instead."""
         try:
             return self._run(max_epochs)
+        except NonFiniteLoss as bad:
+            self.store.close(self.comm.barrier)
+            raise UserError(bad.describe(self.comm.watchdog.context.get("step"), self.steps, self.layout.stage_of)) \
+                from None
         except StoppedBySignal as stopped:
             self.store.close(self.comm.barrier)
             request = self.stop_request
@@ -154,7 +139,9 @@ class LayerParallelTrainer:
         last_epoch = epochs + ft_epochs
         if max_epochs:
             last_epoch = min(last_epoch, self.start_epoch + max_epochs)
-        log = MetricsLog(self.run_dir, fresh=self.resume_from is None) if self.comm.rank == 0 else None
+        log = MetricsLog(self.run_dir, fresh=self.resume_from is None,
+                         resumed_after=self.start_epoch if self.resume_from is not None else None) \
+            if self.comm.rank == 0 else None
         progress = Progress(steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
         if self.resume_from is not None:
             within = f", step {self.start_step_in_epoch} of epoch {self.start_epoch + 1}" if self.start_step_in_epoch else ""
@@ -251,3 +238,5 @@ class LayerParallelTrainer:
     def save(self, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0):
         self.store.flush(self.comm.barrier)
         save_trainer(self, tag, epoch, phase, finetune_opt, step_in_epoch)
+        if self.comm.rank == 0:
+            discard_set_aside(self.run_dir)

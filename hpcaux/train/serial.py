@@ -9,14 +9,16 @@ import torch.nn.functional as F
 
 from hpcaux.config import Config
 from hpcaux.data.sets import load_data
+from hpcaux.errors import UserError
 from hpcaux.models import build_model
 from hpcaux.store.checkpoint import save_checkpoint
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.run.evaluate import evaluate_model
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.progress import Progress
-from hpcaux.train.run.rundir import MetricsLog, write_json
+from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb
+from hpcaux.train.run.stop_request import NonFiniteLoss
 
 
 def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -> dict:
@@ -24,15 +26,17 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
     and model are in place, so a run that cannot start leaves nothing behind."""
     data = load_data(cfg.data, cfg.seed)
     model = build_model(cfg.model.arch, data.num_classes).to(device)
+    steps = data.steps_per_epoch(cfg.train.batch_size)
     create_run()
     optimizer = make_optimizer(model.parameters(), cfg.optim)
-    steps = data.steps_per_epoch(cfg.train.batch_size)
     log = MetricsLog(run_dir, fresh=True)
     progress = Progress(steps * cfg.train.epochs, enabled=cfg.train.progress)
 
     def step(x, y, _idx):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss([0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -43,8 +47,11 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
     started, train_time = time.perf_counter(), 0.0
     for epoch in range(cfg.train.epochs):
         model.train()
-        totals = loop.run_epoch(epoch, data.train_batches(cfg.train.batch_size, seed=cfg.seed, epoch=epoch,
-                                                          augment=cfg.data.augment, device=device))
+        try:
+            totals = loop.run_epoch(epoch, data.train_batches(cfg.train.batch_size, seed=cfg.seed, epoch=epoch,
+                                                              augment=cfg.data.augment, device=device))
+        except NonFiniteLoss as bad:
+            raise UserError(bad.describe(loop.step, steps, lambda rank: 0)) from None
         train_time += totals.seconds
         eval_acc = evaluate_model(model, data, cfg.train.eval_batch_size, device, subset=cfg.data.eval_subset, seed=cfg.seed)
         seen = totals.sums["seen"]
@@ -65,4 +72,5 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
                "step_ms_per_rank": [train_time / loop.step * 1e3], "peak_mem_mb_per_rank": [peak_memory_mb(device)],
                "threads": torch.get_num_threads()}
     write_json(run_dir / "summary.json", summary)
+    discard_set_aside(run_dir)
     return summary

@@ -20,10 +20,23 @@ from hpcaux.store.checkpoint import latest_checkpoint, load_file, save_checkpoin
 KILL_IN_SAVE = "HPCAUX_FAULT_KILL_IN_SAVE"
 
 
+MANIFEST_KEYS = ("method", "K", "cuts", "epoch", "step_in_epoch", "phase", "config", "files")
+
+
 def read_resume_manifest(run_dir: Path, K: int) -> tuple[Path, dict]:
     folder, manifest = latest_checkpoint(run_dir)
+    link = run_dir / "ckpt" / "latest"
+    if not link.is_symlink():  # e.g. a run copied with `cp -rL`: the next commit could not swap it
+        raise UserError(f"{link} is a copy, not a link to a checkpoint (was the run copied following links?); "
+                        f"make it a link again before resuming: ln -sfn <newest epoch_N> {link}")
     if manifest.get("method") != "layer_parallel":
         raise UserError(f"checkpoint {folder} is not from a layer-parallel run")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise UserError(f"checkpoint manifest {folder / 'manifest.json'} lacks {', '.join(missing)}")
+    if manifest["phase"] == "done":
+        raise UserError(f"run {run_dir} is finished ({folder.name} is its final checkpoint): nothing to resume; "
+                        f"train a new run, or evaluate this one with hpcaux eval {run_dir}")
     if manifest["K"] != K:
         raise UserError(f"checkpoint {folder} was written with parallel.K={manifest['K']}; this run has "
                         f"parallel.K={K} (a resume needs the same K; D may change)")

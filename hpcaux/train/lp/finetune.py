@@ -5,6 +5,8 @@ allreduce of its own (this phase has no world allreduce to carry it).
 """
 from __future__ import annotations
 
+import math
+
 from hpcaux.train.lp.checkpoint import restore_finetune_optimizer
 from hpcaux.train.run.optim import make_optimizer
 
@@ -30,5 +32,6 @@ class FinetuneStep:
 
     def __call__(self, x, y, _idx) -> dict:
         loss = self.gradients(x, y)
+        self.trainer.stop_vote.loss_finite = loss is None or math.isfinite(loss)
         self.optimizer.step()
         return {"loss": loss or 0.0, "stop": self.trainer.stop_vote.agree_alone(self.trainer.comm)}

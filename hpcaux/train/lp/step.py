@@ -109,6 +109,7 @@ class LayerParallelStep:
             terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
                                          local_head=self.local_head, local_weight=lp.local_cls_weight))
         tensors, grads = [sum(t.loss for t in terms)], [None]
+        self.stop_vote.loss_finite = bool(torch.isfinite(tensors[0]))
         delayed = exchange.delayed_gradient() if exchange else None
         if delayed is not None:
             tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))

@@ -26,7 +26,7 @@ class Layout:
 
     @property
     def stage(self) -> int:
-        return self.rank % self.K
+        return self.stage_of(self.rank)
 
     @property
     def replica(self) -> int:
@@ -39,6 +39,9 @@ class Layout:
     @property
     def is_last(self) -> bool:
         return self.stage == self.K - 1
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.K
 
     def rank_of(self, stage: int, replica: int | None = None) -> int:
         return (self.replica if replica is None else replica) * self.K + stage

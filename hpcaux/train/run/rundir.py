@@ -2,6 +2,9 @@
 
 Only rank 0 writes here (other ranks send it what it needs). An existing run is refused
 unless the user asks to resume or to overwrite, so nothing on disk is lost by a typo.
+`--overwrite` moves the old run into RUN/.replaced and deletes it only once the new run
+has committed its first checkpoint: a new run that dies before that leaves the old one
+restorable (docs/troubleshooting.md).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 from hpcaux.errors import UserError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "ckpt", "aux.h5")
+REPLACED = ".replaced"
 
 
 def check_run_dir(path: Path, overwrite: bool, resume: bool = False):
@@ -24,20 +28,48 @@ def check_run_dir(path: Path, overwrite: bool, resume: bool = False):
         raise UserError(f"run directory {path} already holds a run ({', '.join(existing)}); "
                         f"use --resume to continue it or --overwrite to replace it")
     probe = path if path.exists() else next(p for p in path.parents if p.exists())
+    if not probe.is_dir():
+        raise UserError(f"run directory {path} is below {probe}, which is a file, not a directory")
     if not os.access(probe, os.W_OK):
         raise UserError(f"run directory {path} is not writable")
 
 
-def clear_run(path: Path):
-    """--overwrite: remove the previous run's files (only those hpcaux writes)."""
-    for name in RUN_FILES:
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    for per_rank in path.glob("aux.rank*.h5"):
-        per_rank.unlink()
+def _run_files(path: Path) -> list[Path]:
+    """The files hpcaux writes in a run directory (nothing else there is touched)."""
+    return [path / name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()] + \
+        sorted(path.glob("aux.rank*.h5"))
+
+
+def _remove(target: Path):
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+
+
+def set_aside(path: Path):
+    """--overwrite: move the previous run's files into RUN/.replaced.
+
+    Where .replaced is already there, an earlier overwrite never reached its first
+    checkpoint: .replaced holds the last real run and the files beside it are that
+    attempt's leftovers, which go."""
+    aside = path / REPLACED
+    if aside.exists():
+        for target in _run_files(path):
+            _remove(target)
+        return
+    files = _run_files(path)
+    if files:
+        aside.mkdir()
+        for target in files:
+            os.replace(target, aside / target.name)
+
+
+def discard_set_aside(path: Path):
+    """The new run has a committed checkpoint (or is complete): the replaced run goes."""
+    aside = path / REPLACED
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def create_run(path: Path, config_yaml: str, overwrite: bool, resume: bool = False):
@@ -50,7 +82,7 @@ def create_run(path: Path, config_yaml: str, overwrite: bool, resume: bool = Fal
     if resume:
         return
     if overwrite:
-        clear_run(path)
+        set_aside(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(config_yaml)
 
@@ -65,10 +97,20 @@ def write_json(path: Path, obj):
 class MetricsLog:
     """One JSON object per epoch in RUN/metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, fresh: bool):
+    def __init__(self, run_dir: Path, fresh: bool, resumed_after: int | None = None):
+        """`resumed_after`: the epoch of the checkpoint a resume starts from. A row is
+        written before its epoch's checkpoint is committed, so a job that died in between
+        left rows the resume will write again: they are dropped."""
         self.path = run_dir / "metrics.jsonl"
         if fresh and self.path.exists():
             self.path.unlink()
+        if resumed_after is not None and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["epoch"] <= resumed_after]
+            if len(kept) < len(rows):
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
 
     def append(self, record: dict):
         with open(self.path, "a") as f:

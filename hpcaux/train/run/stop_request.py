@@ -42,21 +42,44 @@ class StopRequest:
         return 1.0 if self.requested else 0.0
 
 
-class StopVote:
-    """This rank's vote as a one-element tensor that rides in an allreduce (sum > 0: stop)."""
+class NonFiniteLoss(Exception):
+    """Raised on every rank when a rank's loss was NaN or Inf; args[0]: those ranks."""
 
-    def __init__(self, request: StopRequest | None, device: torch.device):
-        self.request = request
-        self.tensor = torch.zeros(1, device=device)
+    def describe(self, step, steps_per_epoch: int, stage_of) -> str:
+        """The one line for the user; `step` is the watchdog's step label (a global step,
+        or "finetune N"), `stage_of(rank)` a rank's stage."""
+        where = f"epoch {step // steps_per_epoch + 1}, step {step % steps_per_epoch + 1} of {steps_per_epoch}" \
+            if isinstance(step, int) else f"step {step}"
+        stages = ", ".join(str(s + 1) for s in sorted({stage_of(r) for r in self.args[0]}))
+        return (f"the loss became NaN or Inf in {where}, on stage(s) {stages}; stopped without saving (the "
+                f"last checkpoint is kept): lower optim.lr or lp.rho_max")
+
+
+class StopVote:
+    """This rank's vote, as a tensor that rides in the step's allreduce: [stop, bad_0, ...,
+    bad_{n-1}], where stop > 0 asks every rank to stop and bad_r marks rank r's loss as not
+    finite. One allreduce tells every rank both, after the same step."""
+
+    def __init__(self, request: StopRequest | None, device: torch.device, rank: int = 0, world_size: int = 1):
+        self.request, self.rank = request, rank
+        self.tensor = torch.zeros(1 + world_size, device=device)
+        self.loss_finite = True
 
     def cast(self) -> torch.Tensor:
         """Fill in this rank's vote; pass the result to the allreduce."""
-        return self.tensor.fill_(self.request.vote() if self.request else 0.0)
+        self.tensor.zero_()
+        self.tensor[0] = self.request.vote() if self.request else 0.0
+        self.tensor[1 + self.rank] = 0.0 if self.loss_finite else 1.0
+        return self.tensor
 
     @property
     def agreed(self) -> bool:
-        """The verdict, once the allreduce that carried the vote has run."""
-        return self.tensor.item() > 0
+        """The stop verdict, once the allreduce that carried the vote has run; raises
+        NonFiniteLoss (on every rank alike) when any rank's loss was not finite."""
+        bad = self.tensor[1:].nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteLoss(bad)
+        return self.tensor[0].item() > 0
 
     def agree_alone(self, comm) -> bool:
         """The vote in an allreduce of its own, for a phase without a world allreduce."""
