@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from hpcaux.train.run.stop_request import StopRequest
+
+    stop = StopRequest()  # before the heavy imports: a signal during set-up is held until the first step
     from hpcaux.config import load_config
     from hpcaux.train.run.runtime import select_device, set_threads
 
@@ -94,6 +97,7 @@ def _train(args) -> int:
     device = select_device(launch.local_rank(), cfg.train.device)
     set_threads(cfg.train.threads)
     if cfg.method == "serial":
+        stop.release()  # serial runs are not resumable: a signal ends them as usual
         if launch.world_size() > 1:
             raise UserError(f"method serial runs in one process, but {launch.world_size()} ranks were launched")
         if args.resume or args.max_epochs:
@@ -106,7 +110,7 @@ def _train(args) -> int:
     else:
         if cfg.method != "layer_parallel" and (args.resume or args.max_epochs):
             raise UserError("--resume and --max-epochs are for layer-parallel runs")
-        summary = _train_distributed(cfg, run_dir, device, args)
+        summary = _train_distributed(cfg, run_dir, device, args, stop)
     if "stopped_after_epoch" in summary or "stopped_by_signal" in summary:
         if launch.world_rank() == 0:
             print(json.dumps({**summary, "resume_with": f"hpcaux train --resume {run_dir}"}))
@@ -117,15 +121,11 @@ def _train(args) -> int:
     return 0
 
 
-def _train_distributed(cfg, run_dir: Path, device, args) -> dict:
+def _train_distributed(cfg, run_dir: Path, device, args, stop) -> dict:
     """Layer-parallel training, or one of the bench's distributed baselines."""
     from hpcaux.comm import create_comm
     from hpcaux.train.baselines import DataParallelTrainer, PipelineTrainer
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    from hpcaux.train.run.stop_request import StopRequest
-
-    stop = StopRequest()  # first: a signal during set-up is held until the first step
-
     comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
     problem = None

@@ -106,6 +106,20 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange(tmp_path, cifar
     assert summary["epochs"] == 3 and summary["test_acc"] * 100 == pytest.approx(round(summary["test_acc"] * 100))
 
 
+def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, cifar_root):
+    """A signal one second after launch, while the ranks still import torch and load the
+    data: it is held, the first step runs, and the job saves and exits 0."""
+    stopped = tmp_path / "stopped"
+    proc = start(2, stopped, f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=2")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGUSR1)
+    code, stdout, stderr, _ = finish(proc, 120)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["stopped_by_signal"] == "SIGUSR1" and report["stopped_after_step"] == 1
+    assert (stopped / "ckpt" / "latest").resolve().name == "stop_step_1"
+
+
 @pytest.mark.parametrize("np_", [2, 3])
 def test_a_killed_rank_ends_the_job_and_resume_continues_from_latest(np_, tmp_path, cifar_root):
     out = tmp_path / "run"

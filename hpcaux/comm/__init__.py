@@ -6,11 +6,14 @@ is a UserError naming the backend and how to get it, not an ImportError tracebac
 from __future__ import annotations
 
 import importlib.util
+import typing
 
-import torch
-
-from hpcaux.comm.base import Comm, Group
 from hpcaux.errors import UserError
+
+if typing.TYPE_CHECKING:
+    import torch
+
+    from hpcaux.comm.base import Comm, Group
 
 REQUIRES = {"horovod": ("horovod", "pip install '.[horovod]' (see scripts/install.sh)"),
             "mpi4py": ("mpi4py", "pip install mpi4py"),
@@ -21,7 +24,16 @@ def available_backends() -> list[str]:
     return [name for name, (module, _) in REQUIRES.items() if importlib.util.find_spec(module)]
 
 
-def create_comm(backend: str, timeout_s: float = 300.0, device: torch.device | None = None) -> Comm:
+def __getattr__(name: str):
+    """Comm and Group on first use: importing hpcaux.comm.launch (the CLI does, before it
+    installs its signal handlers) must not import torch, which takes a second or two."""
+    if name in ("Comm", "Group"):
+        from hpcaux.comm import base
+        return getattr(base, name)
+    raise AttributeError(f"module 'hpcaux.comm' has no attribute {name!r}")
+
+
+def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None) -> "Comm":
     if backend not in REQUIRES:
         raise UserError(f"unknown comm backend '{backend}' (choose from {', '.join(REQUIRES)})")
     module, how = REQUIRES[backend]
@@ -33,6 +45,8 @@ def create_comm(backend: str, timeout_s: float = 300.0, device: torch.device | N
     if backend == "mpi4py":
         from hpcaux.comm.mpi4py_backend import Mpi4pyComm
         return Mpi4pyComm(timeout_s)
+    import torch
+
     from hpcaux.comm.torch_backend import TorchComm
     return TorchComm(timeout_s, device or torch.device("cpu"))
 

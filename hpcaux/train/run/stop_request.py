@@ -11,10 +11,9 @@ SIGINT (Ctrl-C) and SIGKILL still end a process at once.
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Callable
-
-import torch
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -24,6 +23,9 @@ class StoppedBySignal(Exception):
 
 
 class StopRequest:
+    """Installed first thing in `hpcaux train` (this module imports nothing heavy), so a
+    signal that arrives while torch and the data load is held, not fatal."""
+
     def __init__(self):
         self.signal_name: str | None = None
         for signum in STOP_SIGNALS:
@@ -32,6 +34,14 @@ class StopRequest:
     def _handle(self, signum, _frame):
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+
+    def release(self):
+        """Give the signals their default action back (a serial run cannot checkpoint);
+        one that already arrived takes effect now."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        if self.signal_name is not None:
+            os.kill(os.getpid(), signal.Signals[self.signal_name])
 
     @property
     def requested(self) -> bool:
@@ -60,7 +70,9 @@ class StopVote:
     bad_{n-1}], where stop > 0 asks every rank to stop and bad_r marks rank r's loss as not
     finite. One allreduce tells every rank both, after the same step."""
 
-    def __init__(self, request: StopRequest | None, device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(self, request: StopRequest | None, device, rank: int = 0, world_size: int = 1):
+        import torch  # here, not at the top: StopRequest must be importable before torch
+
         self.request, self.rank = request, rank
         self.tensor = torch.zeros(1 + world_size, device=device)
         self.loss_finite = True
