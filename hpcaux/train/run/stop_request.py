@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
+import typing
 from typing import Callable
+
+if typing.TYPE_CHECKING:
+    import torch
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -77,7 +81,7 @@ class StopVote:
         self.tensor = torch.zeros(1 + world_size, device=device)
         self.loss_finite = True
 
-    def cast(self) -> torch.Tensor:
+    def cast(self) -> "torch.Tensor":
         """Fill in this rank's vote; pass the result to the allreduce."""
         self.tensor.zero_()
         self.tensor[0] = self.request.vote() if self.request else 0.0
