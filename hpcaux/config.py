@@ -63,6 +63,7 @@ class OptimConfig:
     milestones: typing.List[float] = field(default_factory=lambda: [0.5, 0.75], metadata={"help": "step schedule: fractions of the run where lr *= gamma"})
     gamma: float = field(default=0.1, metadata={"min_exclusive": 0.0})
     warmup_epochs: int = field(default=0, metadata={"min": 0})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5, "help": "of every cross-entropy a trainer minimises (classifier and local heads); evaluation is unaffected"})
 
 
 @dataclass

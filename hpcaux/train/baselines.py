@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
@@ -30,7 +29,7 @@ from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.run.evaluate import evaluate_model
 from hpcaux.train.run.layout import Layout
-from hpcaux.train.run.optim import make_optimizer
+from hpcaux.train.run.optim import make_criterion, make_optimizer
 from hpcaux.train.run.progress import Progress
 from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
@@ -50,6 +49,7 @@ class BaselineTrainer:
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model.arch, self.data.num_classes).to(device)
+        self.criterion = make_criterion(cfg.optim)
         self.create_run = create_run
 
     def _batches(self, epoch: int):
@@ -134,7 +134,7 @@ class DataParallelTrainer(BaselineTrainer):
 
     def gradients(self, x, y):
         with self.comm.watchdog.guard("data-parallel step (gradient allreduce)", self.layout.stage_ranks(0)):
-            F.cross_entropy(self.net(x), y).backward()
+            self.criterion(self.net(x), y).backward()
             if self.comm.name == "horovod":
                 self.optimizer.synchronize()  # the averaged gradients, under the watchdog
 
@@ -172,7 +172,7 @@ class PipelineTrainer(BaselineTrainer):
         self.optimizer = make_optimizer(self.stage.parameters(), cfg.optim)
         pipe_stage = PipelineStage(self.stage, self.layout.stage, cfg.parallel.K, device)
         self.schedule = ScheduleGPipe(pipe_stage, n_microbatches=cfg.parallel.microbatches,
-                                      loss_fn=lambda out, y: F.cross_entropy(out, y))
+                                      loss_fn=self.criterion)
         self.chain = StageChain(comm, self.layout, self.stage, shapes, device)
 
     def gradients(self, x, y):

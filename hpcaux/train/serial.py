@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hpcaux.config import Config
 from hpcaux.data.sets import load_data
@@ -14,7 +13,7 @@ from hpcaux.models import build_model
 from hpcaux.store.checkpoint import save_checkpoint
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.run.evaluate import evaluate_model
-from hpcaux.train.run.optim import make_optimizer
+from hpcaux.train.run.optim import make_criterion, make_optimizer
 from hpcaux.train.run.progress import Progress
 from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb
@@ -28,13 +27,13 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
     model = build_model(cfg.model.arch, data.num_classes).to(device)
     steps = data.steps_per_epoch(cfg.train.batch_size)
     create_run()
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    optimizer, criterion = make_optimizer(model.parameters(), cfg.optim), make_criterion(cfg.optim)
     log = MetricsLog(run_dir, fresh=True)
     progress = Progress(steps * cfg.train.epochs, enabled=cfg.train.progress)
 
     def step(x, y, _idx):
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = criterion(logits, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss([0])
         optimizer.zero_grad(set_to_none=True)

@@ -18,14 +18,14 @@ from hpcaux.train.lp.joint import JointObjective
 
 backend, data_root, run_dir, K, D = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, K, D)
+cfg = tiny_config(data_root, backend, K, D, "optim.label_smoothing=0.1")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 twin = JointObjective(cfg, trainer.cuts, trainer.shapes, trainer.data.num_classes, trainer.data.image_shape)
 composed = torch.nn.Sequential(*twin.stages)
 batches = replica_batches(trainer, D)
 x, y, _ = batches[trainer.layout.replica]
 loss = FinetuneStep(trainer, resuming_inside=False).gradients(x, y)
-reference = torch.stack([F.cross_entropy(composed(bx), by) for bx, by, _ in batches]).mean()
+reference = torch.stack([F.cross_entropy(composed(bx), by, label_smoothing=0.1) for bx, by, _ in batches]).mean()
 reference.backward()
 assert_close(comm.rank, "stage", list(trainer.stage.parameters()), list(twin.stages[trainer.layout.stage].parameters()))
 if trainer.layout.is_last and D == 1:

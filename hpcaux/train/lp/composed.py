@@ -57,14 +57,14 @@ class StageChain:
         self.stage.train(was_training)
         return correct, total
 
-    def backprop_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    def backprop_step(self, x: torch.Tensor, y: torch.Tensor, criterion=F.cross_entropy) -> float | None:
         """One end-to-end backprop step of the composed network; the loss on the last stage.
 
         Leaves this stage's parameter gradients in .grad; the caller averages and steps.
         """
         inp, out = self.forward(x, requires_grad=self.prev is not None)
         if self.next is None:
-            loss = F.cross_entropy(out, y)
+            loss = criterion(out, y)
             loss.backward()
             value = loss.item()
         else:

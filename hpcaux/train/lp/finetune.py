@@ -24,7 +24,7 @@ class FinetuneStep:
         """Leaves the stage's end-to-end gradient, averaged over the replicas; the loss on the last stage."""
         t = self.trainer
         self.optimizer.zero_grad(set_to_none=True)
-        loss = t.chain.backprop_step(x, y)
+        loss = t.chain.backprop_step(x, y, t.step.criterion)
         if t.layout.D > 1:
             grads = [p.grad for p in t.stage.parameters()]
             t.comm.allreduce(grads, op="mean", group=t.step.stage_group, what="allreduce stage gradients")

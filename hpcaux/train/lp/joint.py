@@ -18,6 +18,7 @@ from hpcaux.models import build_model
 from hpcaux.models.partition import make_stages
 from hpcaux.train.lp.losses import stage_term
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
+from hpcaux.train.run.optim import make_criterion
 from hpcaux.train.run.runtime import seed_everything
 
 
@@ -30,6 +31,7 @@ class JointObjective:
                       for k in range(K - 1)] + [None]
         self.auxnet = build_auxnet(cfg, shapes, image_shape) if cfg.lp.aux_source == "auxnet" else None
         self.local_weight = cfg.lp.local_cls_weight
+        self.criterion = make_criterion(cfg.optim)
 
     def loss(self, x, y, rho: float, boundary_values: dict | None = None, multipliers: dict | None = None):
         """(L, residual of each non-final stage, each stage's term) for one batch.
@@ -43,7 +45,7 @@ class JointObjective:
         for k, stage in enumerate(self.stages):
             out = stage(x if k == 0 else values[k - 1])
             term = stage_term(out, values.get(k), y, is_last=k == K - 1, rho=rho, multiplier=multipliers.get(k),
-                              local_head=self.heads[k], local_weight=self.local_weight)
+                              local_head=self.heads[k], local_weight=self.local_weight, criterion=self.criterion)
             total = total + term.loss
             residuals[k] = term.residual
             terms.append(term.loss)

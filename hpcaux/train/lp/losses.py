@@ -27,14 +27,15 @@ class StageTerm:
 
 
 def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=None,
-               local_head=None, local_weight: float = 0.0, pull_stage: bool = True) -> StageTerm:
+               local_head=None, local_weight: float = 0.0, pull_stage: bool = True,
+               criterion=F.cross_entropy) -> StageTerm:
     """The term of stage k given its output F_k(input) and its target A_k(x) (or z_k).
 
     `pull_stage=False` (lp.consistency: auxnet_follows) makes the consistency terms
     one-directional: the AuxNet regresses the stage's output, the stage is not pulled
     towards the AuxNet (its output enters them detached)."""
     if is_last:
-        ce = F.cross_entropy(output, labels)
+        ce = criterion(output, labels)
         return StageTerm(ce, None, {"ce": ce.item()})
     residual = (output if pull_stage else output.detach()) - target
     penalty = 0.5 * rho * residual.pow(2).mean()
@@ -44,22 +45,23 @@ def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=
         loss = loss + mult
         parts["multiplier"] = mult.item()
     if local_head is not None and local_weight > 0:
-        local_ce = F.cross_entropy(local_head(output), labels)
+        local_ce = criterion(local_head(output), labels)
         loss = loss + local_weight * local_ce
         parts["local_ce"] = local_ce.item()
     return StageTerm(loss, residual.detach(), parts)
 
 
-def real_input_term(output, labels, *, is_last: bool, local_head=None, local_weight: float = 0.0) -> StageTerm:
+def real_input_term(output, labels, *, is_last: bool, local_head=None, local_weight: float = 0.0,
+                    criterion=F.cross_entropy) -> StageTerm:
     """What stage k learns from stage k-1's real output on the previous batch (labels of
     that batch): the cross-entropy on the last stage, the local classifier's elsewhere
     (there is no AuxNet target for that batch)."""
     if is_last:
-        ce = F.cross_entropy(output, labels)
+        ce = criterion(output, labels)
         return StageTerm(ce, None, {"real_ce": ce.item()})
     if local_head is None or local_weight <= 0:
         return StageTerm(output.sum() * 0.0, None, {})
-    local_ce = F.cross_entropy(local_head(output), labels)
+    local_ce = criterion(local_head(output), labels)
     return StageTerm(local_weight * local_ce, None, {"real_local_ce": local_ce.item()})
 
 

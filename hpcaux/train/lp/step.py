@@ -27,6 +27,7 @@ from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.run.layout import Layout
+from hpcaux.train.run.optim import make_criterion
 from hpcaux.train.run.stop_request import StopVote
 
 
@@ -51,6 +52,7 @@ class LayerParallelStep:
         self.stage_opt, self.aux_opt, self.store, self.shapes = stage_opt, aux_opt, store, shapes
         self.stage_group, self.replica_group, self.stop_vote = stage_group, replica_group, stop_vote
         self.exchange = exchange
+        self.criterion = make_criterion(cfg.optim)
         self.stage_params = list(stage.parameters()) + (list(local_head.parameters()) if local_head else [])
         s = layout.stage
         self.in_boundary = s - 1 if s > 0 else None
@@ -104,10 +106,11 @@ class LayerParallelStep:
                 exchange.send_output(out, inp)
             terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
                                     local_head=self.local_head, local_weight=lp.local_cls_weight,
-                                    pull_stage=lp.consistency == "mutual"))
+                                    pull_stage=lp.consistency == "mutual", criterion=self.criterion))
         if real is not None:
             terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
-                                         local_head=self.local_head, local_weight=lp.local_cls_weight))
+                                         local_head=self.local_head, local_weight=lp.local_cls_weight,
+                                         criterion=self.criterion))
         tensors, grads = [sum(t.loss for t in terms)], [None]
         self.stop_vote.loss_finite = bool(torch.isfinite(tensors[0]))
         delayed = exchange.delayed_gradient() if exchange else None
