@@ -101,6 +101,8 @@ def prepare(dataset: str, dest: str | Path, archive: str | Path) -> Path:
         return dest / folder
     if (dest / folder).exists():
         raise UserError(f"{dest / folder} exists but is incomplete; move it away and run again")
+    if dest.is_symlink() and not dest.exists():
+        raise UserError(f"data destination {dest} is a link to nothing (or to itself); remove it or point it at a folder")
     blocking = next((p for p in (dest, *dest.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"data destination {dest} is (or is below) {blocking}, a file, not a directory")
