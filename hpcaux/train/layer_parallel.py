@@ -41,21 +41,29 @@ from hpcaux.train.run.schedules import rho_at_epoch
 from hpcaux.train.run.stop_request import NonFiniteLoss, StopPoint, StoppedBySignal, StopRequest, StopVote
 
 
+def _checked_layout(cfg: Config, comm: Comm) -> Layout:
+    """This rank's place in K stages x D replicas, after the checks that depend on it
+    (K against the model first: the world size follows from K)."""
+    K = cfg.parallel.K
+    if K < 2:
+        raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
+    check_stage_count(K, block_count(cfg.model.arch))
+    lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
+    if cfg.lp.aux_source == "stored" and lay.D > 1:
+        raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
+    if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.multipliers' per_sample with parallel.D > 1 needs store.mode mpio "
+                        "(the replicas of a stage share one multiplier array)")
+    return lay
+
+
 class LayerParallelTrainer:
     def __init__(self, cfg: Config, run_dir: Path, comm: Comm, device: torch.device, resume: bool = False,
                  stop: StopRequest | None = None, create_run=None):
         """Every start-up check runs before `create_run()` (rank 0) writes the run directory."""
         self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
         K = cfg.parallel.K
-        if K < 2:
-            raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
-        check_stage_count(K, block_count(cfg.model.arch))
-        self.layout = lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
-        if cfg.lp.aux_source == "stored" and lay.D > 1:
-            raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
-        if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
-            raise UserError("config key 'lp.multipliers' per_sample with parallel.D > 1 needs store.mode mpio "
-                            "(the replicas of a stage share one multiplier array)")
+        self.layout = lay = _checked_layout(cfg, comm)
         s = lay.stage
         comm.watchdog.context.update(stage=s, replica=lay.replica)
         self.resume_from, manifest = comm.agree(lambda: read_resume_manifest(run_dir, K), "the checkpoint") \
