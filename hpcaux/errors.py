@@ -7,6 +7,7 @@ is the user's to fix too: `storage_problem` recognises it, so it also becomes on
 Everything else is a bug and keeps its traceback.
 """
 import errno
+from pathlib import Path
 
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -20,6 +21,14 @@ class UserError(Exception):
 
 
 KEPT = "the last committed checkpoint is kept"
+
+
+def refuse_file_in_the_way(folder: Path, what: str):
+    """A folder about to be created where it, or a parent, is a file: one line, not
+    mkdir's traceback (`hpcaux data` into a file, `analyze --out` a file)."""
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"{what} {folder} is (or is below) {blocking}, a file, not a directory")
 
 
 def storage_problem(err: Exception) -> str | None:

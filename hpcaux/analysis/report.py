@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from hpcaux.errors import UserError
+from hpcaux.errors import UserError, refuse_file_in_the_way
 from hpcaux.store.names import META, METRICS, boundary_group, snapshots_group
 
 HISTOGRAM_ROWS = 256  # samples read per boundary for the z / lambda histograms
@@ -143,9 +143,7 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
 
 def analyze(path: Path, out_dir: Path | None = None) -> tuple[str, list[Path]]:
     out_dir = out_dir or Path(path).parent / "analysis"
-    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise UserError(f"plot folder {out_dir} is (or is below) {blocking}, a file, not a directory")
+    refuse_file_in_the_way(out_dir, "plot folder")
     view = StoreView(Path(path))
     if view.epochs == 0:
         raise UserError(f"HDF5 store {path} has no finished epoch yet: nothing to analyse")

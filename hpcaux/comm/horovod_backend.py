@@ -17,6 +17,7 @@ import torch
 
 from hpcaux.comm import launch
 from hpcaux.comm.base import Comm, Group, StagedRequest
+from hpcaux.comm.mpi4py_backend import mpi_irecv, mpi_isend
 
 
 CPU_POLLING_DEFAULTS = {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}
@@ -38,12 +39,10 @@ class _MpiPointToPoint:
             tensor.copy_(host)
 
     def isend(self, tensor, dst):
-        host = tensor.detach().cpu()
-        return StagedRequest(self.MPI.COMM_WORLD.Isend(host.numpy(), dest=dst).Wait, host)
+        return mpi_isend(self.MPI.COMM_WORLD, tensor, dst)
 
     def irecv(self, tensor, src):
-        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
-        return StagedRequest(self.MPI.COMM_WORLD.Irecv(host.numpy(), source=src).Wait, host, tensor)
+        return mpi_irecv(self.MPI.COMM_WORLD, tensor, src)
 
     def abort(self, code):
         self.MPI.COMM_WORLD.Abort(code)

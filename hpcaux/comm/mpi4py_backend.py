@@ -10,6 +10,18 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     return t if t.device.type == "cpu" else t.cpu()
 
 
+def mpi_isend(mpi_comm, tensor: torch.Tensor, dst: int) -> StagedRequest:
+    """A non-blocking MPI send of a tensor (through host memory); also Horovod's."""
+    host = _host(tensor.detach())
+    return StagedRequest(mpi_comm.Isend(host.numpy(), dest=dst).Wait, host)
+
+
+def mpi_irecv(mpi_comm, tensor: torch.Tensor, src: int) -> StagedRequest:
+    """A non-blocking MPI receive into a tensor (staged through host memory); also Horovod's."""
+    host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+    return StagedRequest(mpi_comm.Irecv(host.numpy(), source=src).Wait, host, tensor)
+
+
 class Mpi4pyComm(Comm):
     name = "mpi4py"
 
@@ -48,12 +60,10 @@ class Mpi4pyComm(Comm):
             tensor.copy_(host)
 
     def _isend(self, tensor, dst):
-        host = _host(tensor)
-        return StagedRequest(self.comm.Isend(host.numpy(), dest=dst).Wait, host)
+        return mpi_isend(self.comm, tensor, dst)
 
     def _irecv(self, tensor, src):
-        host = _host(tensor)
-        return StagedRequest(self.comm.Irecv(host.numpy(), source=src).Wait, host, tensor)
+        return mpi_irecv(self.comm, tensor, src)
 
     def abort(self, code: int = 1):
         self.comm.Abort(code)

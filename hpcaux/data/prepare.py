@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcaux.errors import UserError
+from hpcaux.errors import UserError, refuse_file_in_the_way
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -103,9 +103,7 @@ def prepare(dataset: str, dest: str | Path, archive: str | Path) -> Path:
         raise UserError(f"{dest / folder} exists but is incomplete; move it away and run again")
     if dest.is_symlink() and not dest.exists():
         raise UserError(f"data destination {dest} is a link to nothing (or to itself); remove it or point it at a folder")
-    blocking = next((p for p in (dest, *dest.parents) if p.exists()), None)
-    if blocking is not None and not blocking.is_dir():
-        raise UserError(f"data destination {dest} is (or is below) {blocking}, a file, not a directory")
+    refuse_file_in_the_way(dest, "data destination")
     dest.mkdir(parents=True, exist_ok=True)
     with _open_archive(Path(archive)) as tar, tempfile.TemporaryDirectory(dir=dest) as tmp:
         staging = Path(tmp)

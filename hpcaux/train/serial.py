@@ -41,8 +41,7 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
         optimizer.step()
         return {"loss": loss.item() * len(y), "correct": (logits.argmax(1) == y).sum().item(), "seen": len(y)}
 
-    loop = EpochLoop([optimizer], LrSchedule(cfg.optim, steps * cfg.train.epochs, steps), step, progress, {},
-                     describe=lambda epoch, _: f"ep {epoch + 1}")
+    loop = EpochLoop([optimizer], LrSchedule(cfg.optim, steps * cfg.train.epochs, steps), step, progress, {})
     started, train_time = time.perf_counter(), 0.0
     for epoch in range(cfg.train.epochs):
         model.train()
