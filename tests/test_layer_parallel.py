@@ -40,7 +40,7 @@ def test_finetune_step_equals_one_process_backprop(np, D, cifar_root, tmp_path):
     assert out.count("fine-tune gradients match") == np
 
 
-@pytest.mark.parametrize("mode", ["keep", "replay"])
+@pytest.mark.parametrize("mode", ["keep", "fused", "replay"])
 @pytest.mark.parametrize("backend", installed_backends())
 def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode, backend, cifar_root, tmp_path):
     out = _check_script(2, "check_exchange.py", backend, cifar_root, tmp_path, mode)

@@ -25,7 +25,7 @@ from hpcaux.store.aux_store import open_store_for_run
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
-from hpcaux.train.lp.exchange import NeighbourExchange, delayed_graphs_outlive_steps
+from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.finetune import FinetuneStep
 from hpcaux.train.lp.metrics import HeldOutMetrics
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
@@ -170,9 +170,8 @@ class LayerParallelTrainer:
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
             if self.step.exchange:
                 self.step.exchange.start_epoch(loop.step - epoch * steps)
-            with delayed_graphs_outlive_steps(cfg.lp.delayed_grad == "keep"):
-                totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source == "auxnet"),
-                                        loop.step - epoch * steps)
+            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source == "auxnet"),
+                                    loop.step - epoch * steps)
             if self.step.exchange:
                 self.step.exchange.drain()
             lp_totals.append(totals)

@@ -1,13 +1,14 @@
 """The neighbour exchange under mpirun -np 2:  python check_exchange.py BACKEND DATA_ROOT RUN_DIR MODE
 
-MODE is keep or replay (lp.real_inputs=beside). Over the first steps of an epoch:
+MODE is keep, fused or replay (lp.real_inputs=beside). Over the first steps of an epoch:
 * stage 2's real input at step s is exactly stage 1's output on batch s-1, with batch
   s-1's labels (none at step 0);
 * the gradient stage 1 applies at step s is exactly the one stage 2 returned for batch
   s-2 (none at steps 0 and 1);
 * stage 1's parameter gradient at step s is that of its own term on batch s plus the
   returned gradient back-propagated through its stage at the weights of step s-2 (keep)
-  or of step s (replay), computed here on copies;
+  or of step s (replay), computed here on copies; with fused, its own term on batch s-2
+  and the returned gradient, both at the weights of step s-2 (none at steps 0 and 1);
 * a stop in the middle of the epoch drains the exchange without a hang.
 """
 import copy
@@ -18,7 +19,6 @@ import torch
 
 from common import make_comm, tiny_config
 from hpcaux.train.layer_parallel import LayerParallelTrainer
-from hpcaux.train.lp.exchange import delayed_graphs_outlive_steps
 from hpcaux.train.lp.losses import stage_term
 
 backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
@@ -35,9 +35,9 @@ send_output, real_input, return_gradient, delayed_gradient = (exchange.send_outp
                                                               exchange.return_gradient, exchange.delayed_gradient)
 
 
-def recording_send(output, stage_input):
+def recording_send(output, stage_input, own_loss=None, stash=None):
     record["sent"][exchange.step] = output.detach().clone()
-    send_output(output, stage_input)
+    send_output(output, stage_input, own_loss, stash)
 
 
 def recording_real(labels):
@@ -61,36 +61,53 @@ def recording_delayed():
 exchange.send_output, exchange.real_input = recording_send, recording_real
 exchange.return_gradient, exchange.delayed_gradient = recording_return, recording_delayed
 
+
+def own_term(snapshot, batch):
+    stage_copy, head, target = snapshot
+    out = stage_copy(batch[0])
+    return out, stage_term(out, target, batch[1], is_last=False, rho=rho, local_head=head,
+                           local_weight=cfg.lp.local_cls_weight).loss
+
+
+def expected_stage_gradient(s):
+    """Stage 1's gradient at step s, recomputed on the copies taken before each step:
+    keep/replay: own term of batch s (weights of step s) + the returned gradient through
+    the weights of step s-2 (keep) or s (replay); fused: both at the weights of step s-2."""
+    if mode == "fused":
+        then = snapshots[s - 2][0]
+        out, loss = own_term(snapshots[s - 2], batches[s - 2])
+        torch.autograd.backward([loss, out], [None, record["applied"][s]])
+        return [p.grad for p in then.parameters()]
+    now = snapshots[s][0]
+    own_term(snapshots[s], batches[s])[1].backward()
+    then = snapshots[s - 2][0] if mode == "keep" else copy.deepcopy(snapshots[s][0])
+    then.zero_grad()
+    then(batches[s - 2][0]).backward(record["applied"][s])
+    return [own.grad + delayed.grad for own, delayed in zip(now.parameters(), then.parameters())]
+
+
 exchange.start_epoch(first)
 snapshots, batches = {}, []
-with delayed_graphs_outlive_steps(mode == "keep"):
-    for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
-        if s == STEPS:
-            break
-        batches.append((x, y))
-        if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
-            with torch.no_grad():
-                target = trainer.auxnet(x, [0])[0]
-            snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), target)
-        outputs = step.compute_gradients(x, y, idx, rho)
-        if trainer.layout.is_first and s >= 2:
-            # expected: own term at the weights of step s, plus the returned gradient for
-            # batch s-2 through the stage at the weights of step s-2 (keep) or s (replay)
-            now, head, target = snapshots[s]
-            term = stage_term(now(x), target, y, is_last=False, rho=rho, local_head=head,
-                              local_weight=cfg.lp.local_cls_weight)
-            term.loss.backward()
-            then = snapshots[s - 2][0] if mode == "keep" else copy.deepcopy(snapshots[s][0])
-            then.zero_grad()
-            then(batches[s - 2][0]).backward(record["applied"][s])
-            for p, own, delayed in zip(stage.parameters(), now.parameters(), then.parameters()):
-                expected = own.grad + delayed.grad
-                assert torch.allclose(p.grad, expected, rtol=1e-4, atol=1e-6), \
-                    f"step {s}: stage 1 gradient differs by {(p.grad - expected).abs().max().item():.3e}"
-        trainer.stage_opt.step()
-        trainer.aux_opt.step()
-        exchange.end_step()
-    exchange.drain()  # a stop after step STEPS-1, inside the epoch: nothing may hang
+for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
+    if s == STEPS:
+        break
+    batches.append((x, y))
+    if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
+        with torch.no_grad():
+            target = trainer.auxnet(x, [0])[0]
+        snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), target)
+    outputs = step.compute_gradients(x, y, idx, rho)
+    if trainer.layout.is_first and s < 2 and mode == "fused":
+        assert all(p.grad is None for p in stage.parameters()), f"step {s}: fused mode has nothing due yet"
+    elif trainer.layout.is_first and s >= 2:
+        expected = expected_stage_gradient(s)
+        for p, want in zip(stage.parameters(), expected):
+            assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-6), \
+                f"step {s}: stage 1 gradient differs by {(p.grad - want).abs().max().item():.3e}"
+    trainer.stage_opt.step()
+    trainer.aux_opt.step()
+    exchange.end_step()
+exchange.drain()  # a stop after step STEPS-1, inside the epoch: nothing may hang
 
 torch.save({k: v for k, v in record.items()}, run_dir / f"record_{comm.rank}.pt")
 comm.barrier()

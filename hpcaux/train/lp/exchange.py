@@ -12,6 +12,10 @@ the same batches):
   kept of that batch (`keep`: one more batch of activations in memory, the gradient taken
   at the weights of step s, as delayed-gradient methods do) or by running the batch
   again (`replay`: one more forward, at the current weights, as Features Replay does).
+  `fused` keeps the graph too and holds back stage k's own term of b_s (its local
+  classifier and its side of the consistency term) to go through that graph in the same
+  backward: one backward of the stage per step instead of two, the own term's gradient
+  two steps late like the returned one.
 
 Every receive is posted a step before it is needed, so in steady state no rank waits on
 another. The exchange starts afresh every epoch (the first step has no real input, the
@@ -20,7 +24,6 @@ the point-to-point traffic of evaluation never meets a training message.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from dataclasses import dataclass
 
@@ -31,12 +34,37 @@ from hpcaux.comm.base import Pending
 from hpcaux.train.run.layout import Layout
 
 
-def delayed_graphs_outlive_steps(enabled: bool):
-    """`delayed_grad: keep` back-propagates through a graph built two optimiser steps ago.
-    The optimiser updates the weights in place, which autograd refuses for tensors saved
-    for backward; under this context such tensors are cloned on mutation instead, so the
-    delayed gradient is taken at the weights the forward used."""
-    return torch.autograd.graph.allow_mutation_on_saved_tensors() if enabled else contextlib.nullcontext()
+class WeightStash:
+    """The weights a kept graph is built on, copied, so the optimiser's in-place steps of
+    the two steps before its backward do not change them (`keep`, `fused`).
+
+    The forward runs on copies of the stage's (and local head's) parameters, so the
+    delayed gradient is taken at the weights the forward used, as delayed-gradient
+    methods do, and `move_gradients` adds what reached the copies to the real parameters.
+    It replaces torch's allow_mutation_on_saved_tensors, whose bookkeeping kept every
+    step's graph alive until the context closed (14 GB per rank after a 78-step epoch)
+    and sent every operation through a Python dispatch mode."""
+
+    def __init__(self, *modules):
+        self.copies = [{n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()} if m else None
+                       for m in modules]
+        self.modules = modules
+
+    def run(self, which: int, *args):
+        """Module `which` (in the order given) applied to args with the stashed weights."""
+        return torch.func.functional_call(self.modules[which], self.copies[which], args)
+
+    def move_gradients(self):
+        """Add the gradients the copies received to the real parameters' .grad."""
+        for module, copies in zip(self.modules, self.copies):
+            if module is None:
+                continue
+            for name, p in module.named_parameters():
+                g = copies[name].grad
+                if g is None:
+                    continue
+                p.grad = g if p.grad is None else p.grad + g
+                copies[name].grad = None
 
 
 @dataclass
@@ -50,9 +78,14 @@ class RealInput:
 class DelayedGradient:
     """What stage k back-propagates this step: `grad` of its output on an earlier batch,
     whose graph it kept (`output`) or whose input it replays (`stage_input`)."""
-    grad: torch.Tensor
+    grad: torch.Tensor | None            # set once it has arrived
     output: torch.Tensor | None = None
     stage_input: torch.Tensor | None = None
+    own_loss: torch.Tensor | None = None   # `fused`: the stage's own term of that batch
+    stash: WeightStash | None = None       # `keep`, `fused`: the weights the kept graph used
+
+
+KEEPS_GRAPH = ("keep", "fused")
 
 
 class NeighbourExchange:
@@ -97,8 +130,11 @@ class NeighbourExchange:
         self.sends.append(self.comm.isend(grad, self.prev, what="isend boundary gradient"))
 
     # --- the sending side (stage k < K-1) ---------------------------------------------
-    def send_output(self, output: torch.Tensor, stage_input: torch.Tensor):
-        """Send this batch's output on; keep what the delayed gradient will need."""
+    def send_output(self, output: torch.Tensor, stage_input: torch.Tensor, own_loss: torch.Tensor | None = None,
+                    stash: WeightStash | None = None):
+        """Send this batch's output on; keep what the delayed gradient will need: the graph
+        and the weights it used (`stash`) or the input, and in `fused` mode the own term
+        `own_loss` that waits for it."""
         if self.next is None:
             return
         if self.step <= self.steps - 2:
@@ -106,22 +142,25 @@ class NeighbourExchange:
         if self.delayed_grad != "none" and self.step <= self.steps - 3:
             pending = self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
                                       what="irecv boundary gradient")
-            kept = output if self.delayed_grad == "keep" else stage_input.detach()
+            kept = DelayedGradient(None, output=output, own_loss=own_loss, stash=stash) if self.delayed_grad in KEEPS_GRAPH \
+                else DelayedGradient(None, stage_input=stage_input.detach())
             self.grads.append((self.step, pending, kept))
 
     def keeps_graph(self) -> bool:
         """Whether this step's forward graph must outlive its backward (`keep` mode)."""
-        return self.next is not None and self.delayed_grad == "keep" and self.step <= self.steps - 3
+        return self.next is not None and self.delayed_grad in KEEPS_GRAPH and self.step <= self.steps - 3
+
+    def defers_own_term(self) -> bool:
+        """Whether this step's own term waits for the returned gradient (`fused` mode)."""
+        return self.delayed_grad == "fused" and self.keeps_graph()
 
     def delayed_gradient(self) -> DelayedGradient | None:
         """The gradient for the output of two steps ago, once it is due."""
         if not self.grads or self.grads[0][0] > self.step - 2:
             return None
         _, pending, kept = self.grads.popleft()
-        grad = pending.wait()
-        if self.delayed_grad == "keep":
-            return DelayedGradient(grad, output=kept)
-        return DelayedGradient(grad, stage_input=kept)
+        kept.grad = pending.wait()
+        return kept
 
     def end_step(self):
         """Complete the sends of earlier steps (their receivers have posted them long ago)."""

@@ -23,7 +23,7 @@ from hpcaux.comm import Comm
 from hpcaux.config import Config
 from hpcaux.store.names import lambda_name, z_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
-from hpcaux.train.lp.exchange import NeighbourExchange
+from hpcaux.train.lp.exchange import NeighbourExchange, WeightStash
 from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.run.layout import Layout
@@ -100,40 +100,67 @@ class LayerParallelStep:
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
         terms, out = [], None
+        stash = WeightStash(self.stage, self.local_head) if exchange and exchange.keeps_graph() else None
         if primary:
-            out = self.stage(inp)
-            if exchange:
-                exchange.send_output(out, inp)
+            out = stash.run(0, inp) if stash else self.stage(inp)
+            head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
             terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
-                                    local_head=self.local_head, local_weight=lp.local_cls_weight,
+                                    local_head=head, local_weight=lp.local_cls_weight,
                                     pull_stage=lp.consistency == "mutual", criterion=self.criterion))
         if real is not None:
             terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
                                          local_head=self.local_head, local_weight=lp.local_cls_weight,
                                          criterion=self.criterion))
-        tensors, grads = [sum(t.loss for t in terms)], [None]
-        self.stop_vote.loss_finite = bool(torch.isfinite(tensors[0]))
+        total = sum(t.loss for t in terms)
+        self.stop_vote.loss_finite = bool(torch.isfinite(total))
+        self.stage_opt.zero_grad(set_to_none=True)
+        tensors, grads = self._backward_now(terms, target, primary, out, inp, stash)
         delayed = exchange.delayed_gradient() if exchange else None
         if delayed is not None:
             tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
             grads.append(delayed.grad)
-        self.stage_opt.zero_grad(set_to_none=True)
-        torch.autograd.backward(tensors, grads, retain_graph=exchange is not None and exchange.keeps_graph())
+            if delayed.own_loss is not None:
+                tensors.append(delayed.own_loss)
+                grads.append(None)
+        if tensors:
+            torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
+        for used in (stash, delayed.stash if delayed else None):
+            if used:
+                used.move_gradients()
         if exchange:
             exchange.return_gradient(real)
         t2 = time.perf_counter()
         if self.auxnet is not None:
             self.aux_opt.zero_grad(set_to_none=True)
             pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target))
-                     if b is not None and t is not None]
+                     if b is not None and t is not None and t.grad is not None]
             torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         t3 = time.perf_counter()
         self._synchronise(inp, target, idx, rho)
         t4 = time.perf_counter()
-        term = terms[0] if len(terms) == 1 else StageTerm(tensors[0], terms[0].residual,
+        term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual,
                                                            {k: v for t in terms for k, v in t.parts.items()})
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier,
                            {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3 + t_wait})
+
+    def _backward_now(self, terms, target, primary: bool, out, inp, stash) -> tuple[list, list]:
+        """Send this step's output on and say what goes back through the stage now.
+
+        Normally that is every term of the step. With `lp.delayed_grad: fused` the own
+        term waits in the exchange for the gradient stage k+1 returns for this output, and
+        only its AuxNet side (the gradient of the target) is taken now, so the AuxNet step
+        is not delayed."""
+        exchange = self.exchange
+        if not exchange:
+            return [sum(t.loss for t in terms)], [None]
+        own = terms[0].loss if primary else None
+        defer = exchange.defers_own_term()
+        if primary:
+            exchange.send_output(out, inp, own_loss=own if defer else None, stash=stash)
+        now = terms[1:] if defer else terms
+        if defer and target is not None:
+            torch.autograd.backward(own, inputs=[target], retain_graph=True)
+        return ([sum(t.loss for t in now)], [None]) if now else ([], [])
 
     def _synchronise(self, inp, target, idx, rho: float):
         D = self.layout.D
