@@ -1,4 +1,4 @@
-"""The `hpcaux` command: train, eval, analyze, data.
+"""The `hpcaux` command: train, eval, analyze, bench, data, launch.
 
 A UserError anywhere becomes one line `hpcaux: error: ...` on stderr (from rank 0 only
 when launched with several ranks) and exit status 2.
@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("dataset", choices=["cifar10", "cifar100"])
     data.add_argument("dest", help="destination root (gets cifar-10-batches-py/ or cifar-100-python/)")
     data.add_argument("--from", dest="archive", required=True, help="archive to read")
+
+    guard = sub.add_parser("launch", help="run mpirun/srun so that TERM or Ctrl-C saves and stops the job (exit 0)",
+                           description="Run LAUNCHER ARGS... (e.g. mpirun -np 2 hpcaux train ...) and turn every "
+                                       "SIGTERM, SIGINT, SIGHUP or SIGUSR1 it gets into SIGUSR1 for the launcher, "
+                                       "which forwards it to the ranks: they finish the step, save and exit 0 "
+                                       "(mpirun alone kills them one second after a TERM). Exit status: the "
+                                       "launcher's.")
+    guard.add_argument("launcher", nargs=argparse.REMAINDER, metavar="LAUNCHER ARGS", help="the launcher command")
     return parser
 
 
@@ -185,6 +193,12 @@ def _data(args) -> int:
     return 0
 
 
+def _launch(args) -> int:
+    from hpcaux.launch_guard import run_guarded
+
+    return run_guarded(args.launcher)
+
+
 def _abort_job(code: int):
     if launch.launched_by_mpi():
         from mpi4py import MPI
@@ -195,7 +209,8 @@ def _abort_job(code: int):
 def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"train": _train, "eval": _eval, "analyze": _analyze, "bench": _bench, "data": _data}[args.command](args)
+        return {"train": _train, "eval": _eval, "analyze": _analyze, "bench": _bench, "data": _data,
+                "launch": _launch}[args.command](args)
     except UserError as err:
         if launch.world_rank() == 0:
             print(f"hpcaux: error: {err}", file=sys.stderr, flush=True)

@@ -77,7 +77,7 @@ class ParallelConfig:
 
 @dataclass
 class CommConfig:
-    backend: str = field(default="horovod", metadata={"choices": ("horovod", "torch", "mpi4py")})
+    backend: str = field(default="auto", metadata={"choices": ("auto", "horovod", "torch", "mpi4py"), "help": "auto: torch.distributed (gloo) on CPUs, Horovod on GPUs where installed (docs/benchmarks.md)"})
     timeout_s: float = field(default=300.0, metadata={"min_exclusive": 0.0, "help": "watchdog: a collective or send/recv that waits longer aborts the job"})
 
 
@@ -99,6 +99,7 @@ class LayerParallelConfig:
     aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored")})
     z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
+    local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})

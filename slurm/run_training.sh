@@ -31,6 +31,7 @@ else
   train_args=(--config "$config" --out "$run_dir" parallel.D=0 "$@")
 fi
 
+latest_before=$(readlink "$run_dir/ckpt/latest" 2>/dev/null || true)
 echo "hpcaux job $SLURM_JOB_ID (restart $restarts): $SLURM_NTASKS ranks on $SLURM_JOB_NODELIST, run $run_dir"
 case ${HPCAUX_LAUNCHER:-srun} in
   srun)
@@ -38,8 +39,12 @@ case ${HPCAUX_LAUNCHER:-srun} in
          --output="$run_dir/logs/rank-%t.log" hpcaux train "${train_args[@]}" &
     ;;
   mpirun)
-    mpirun -np "$SLURM_NTASKS" --bind-to none --output-filename "$run_dir/logs" \
-           hpcaux train "${train_args[@]}" &
+    # SLURM's SIGTERM (time limit, scancel) reaches mpirun too, which then aborts the job
+    # and kills the ranks odls_base_sigkill_timeout seconds later (Open MPI: 1 s). Give
+    # them the time to finish the step and save (SLURM's KillWait is 30 s by default).
+    OMPI_MCA_odls_base_sigkill_timeout=${OMPI_MCA_odls_base_sigkill_timeout:-25} \
+      hpcaux launch mpirun -np "$SLURM_NTASKS" --bind-to none --output-filename "$run_dir/logs" \
+      hpcaux train "${train_args[@]}" &
     ;;
   *)
     echo "hpcaux job: HPCAUX_LAUNCHER must be srun or mpirun, not '$HPCAUX_LAUNCHER'" >&2
@@ -49,7 +54,7 @@ esac
 launcher=$!
 
 # SIGUSR1 for the batch shell (--signal=B:USR1@T, or scancel --signal=USR1 --batch) goes on
-# to the ranks through the launcher; both srun and mpirun forward it. SIGTERM is not
+# to the ranks through the launcher; srun and `hpcaux launch` forward it. SIGTERM is not
 # forwarded: SLURM already sends it to every task, and the ranks save on the first one.
 stop_signal=""
 trap 'stop_signal=USR1; kill -USR1 "$launcher" 2>/dev/null' USR1
@@ -62,6 +67,13 @@ done
 echo "hpcaux job: training exited with status $status${stop_signal:+ after SIG$stop_signal}; rank logs in $run_dir/logs"
 
 if [ -f "$run_dir/summary.json" ]; then
+  exit 0
+fi
+# After SIGTERM mpirun exits 1 even when every rank saved and exited 0: a new stop
+# checkpoint is what tells a clean stop from a failure.
+saved=$(readlink "$run_dir/ckpt/latest" 2>/dev/null || true)
+if [ "$stop_signal" = TERM ] && [ "$saved" != "$latest_before" ] && [[ $saved == stop_step_* ]]; then
+  echo "hpcaux job: stopped by SIGTERM with $saved saved; resubmit with the same run directory to resume"
   exit 0
 fi
 # Exit status 0 without a summary: the ranks saved a checkpoint on a stop signal. After

@@ -34,6 +34,18 @@ def test_unknown_or_missing_backend_is_a_clear_error():
         create_comm("nccl")
 
 
+def test_auto_backend_is_torch_on_cpus_and_horovod_on_gpus_where_installed():
+    import torch
+
+    from hpcaux.comm import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", None) == "torch"
+    on_gpu = "horovod" if "horovod" in installed_backends() else "torch"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == on_gpu
+    assert resolve_backend("mpi4py", torch.device("cuda", 0)) == "mpi4py"
+
+
 @pytest.mark.skipif("horovod" not in installed_backends(), reason="Horovod is not installed")
 def test_horovod_backend_under_horovodrun_gloo():
     """No MPI world under horovodrun --gloo: send/recv go over a gloo group instead."""

@@ -46,7 +46,7 @@ BAD = [
     (["optim.lr=-1"], "config key 'optim.lr' must be > 0.0, got -1.0"),
     (["train.epochs=0"], "config key 'train.epochs' must be >= 1, got 0"),
     (["train.batch_size=12.5"], "config key 'train.batch_size' must be int, got 12.5"),
-    (["comm.backend=nccl"], "config key 'comm.backend' must be one of horovod, torch, mpi4py; got 'nccl'"),
+    (["comm.backend=nccl"], "config key 'comm.backend' must be one of auto, horovod, torch, mpi4py; got 'nccl'"),
     (["model.arch=resnet21"], "config key 'model.arch' must be one of"),
     (["lp.loss=al"], "config key 'lp.loss' is al but 'lp.multipliers' is none"),
     (["lp.multipliers=per_sample"], "config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty"),

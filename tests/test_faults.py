@@ -18,8 +18,9 @@ SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100",
          "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50"]
 
 
-def start(np_, out, *overrides) -> subprocess.Popen:
-    cmd = ["mpirun", "-np", str(np_), "--bind-to", "none"]
+def start(np_, out, *overrides, guarded=False) -> subprocess.Popen:
+    """mpirun of a small training job (under `hpcaux launch` when `guarded`)."""
+    cmd = ([HPCAUX, "launch"] if guarded else []) + ["mpirun", "-np", str(np_), "--bind-to", "none"]
     for key in MPI_ENV:
         cmd += ["-x", key]
     cmd += [HPCAUX, "train", "--config", CONFIG, "--out", str(out), *SMALL, *overrides]
@@ -59,22 +60,29 @@ def finish(proc, timeout) -> tuple[int, str, str, float]:
     return proc.returncode, stdout, stderr, time.monotonic() - started
 
 
-@pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune")])
+@pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune"),
+                                       ("TERM twice to hpcaux launch", "layer_parallel")])
 def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, tmp_path, cifar_root):
     schedule = ["train.epochs=3"] if phase == "layer_parallel" else ["train.epochs=1", "lp.finetune_epochs=2"]
     common = [f"data.root={cifar_root}", "lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]", *schedule]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = start(2, stopped, *common)
+    proc = start(2, stopped, *common, guarded=how.endswith("hpcaux launch"))
     wait_for_epochs(stopped, 1, proc)
     if how.startswith("USR1"):
         proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
+    elif how.startswith("TERM twice"):  # mpirun alone would kill the ranks (exit 1)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
     else:
         for pid in ranks_of(proc):  # what SLURM does at a time limit
             os.kill(pid, signal.SIGTERM)
     code, stdout, stderr, _ = finish(proc, 120)
     assert code == 0, stderr[-3000:]
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report["stopped_by_signal"] == ("SIGUSR1" if how.startswith("USR1") else "SIGTERM")
+    assert report["stopped_by_signal"] == ("SIGTERM" if how.startswith("TERM to") else "SIGUSR1")
+    if how.startswith("TERM twice"):
+        assert stderr.count("hpcaux launch: SIGTERM: asking every rank to save and stop") == 1, stderr[-3000:]
     manifest = json.loads((stopped / "ckpt" / "latest" / "manifest.json").read_text())
     # nothing trained is lost: the checkpoint holds every step made before the stop
     assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] >= 16

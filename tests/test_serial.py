@@ -31,7 +31,7 @@ def test_every_subcommand_has_help():
     from hpcaux.cli import _parser
 
     subcommands = list(_parser()._subparsers._group_actions[0].choices)
-    assert subcommands == ["train", "eval", "analyze", "bench", "data"]
+    assert subcommands == ["train", "eval", "analyze", "bench", "data", "launch"]
     for sub in subcommands:
         proc = subprocess.run([HPCAUX, sub, "--help"], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and f"usage: hpcaux {sub}" in proc.stdout, sub

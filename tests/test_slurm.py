@@ -4,6 +4,7 @@ The fixture starts the daemons with a private slurm.conf and stops them after. J
 the real scripts with a tiny real config on 2 tasks (the node has 2 CPUs).
 """
 import json
+import signal
 import subprocess
 import time
 
@@ -73,6 +74,56 @@ def test_usr1_saves_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, t
     assert list((run / "ckpt").glob("stop_step_*"))
     assert_same_final_weights(tmp_path / "straight", run)
     assert json.loads((run / "summary.json").read_text())["epochs"] == 6
+
+
+def test_term_to_the_whole_job_under_mpirun_saves_and_the_job_exits_0(slurm, tmp_path, cifar_root):
+    """What a time limit or a plain scancel does: SIGTERM to the batch script, mpirun and
+    every rank, here twice 50 ms apart. mpirun aborts on TERM, so the script gives the ranks
+    time (odls_base_sigkill_timeout): they save a stop checkpoint and the script exits 0,
+    without requeueing. (srun ends its step with SIGKILL on a TERM of its own; see
+    docs/hpc.md and the test below.)"""
+    slurm.env["HPCAUX_LAUNCHER"] = "mpirun"
+    try:
+        job = submit_training(slurm, tmp_path / "runs", f"data.root={cifar_root}", "train.epochs=6", *TINY)
+    finally:
+        del slurm.env["HPCAUX_LAUNCHER"]
+    run = tmp_path / "runs" / str(job)
+    deadline = time.monotonic() + 240
+    while not (run / "ckpt" / "latest").exists():
+        state = slurm.job(job)
+        assert time.monotonic() < deadline and state["JobState"] in ("PENDING", "RUNNING"), state
+        time.sleep(0.5)
+    for _ in range(2):
+        slurm.run("scancel", "--full", "--signal=TERM", str(job))
+        time.sleep(0.05)
+    info = slurm.wait(job, 120, until=("COMPLETED", "FAILED", "CANCELLED"))
+    log = (tmp_path / "runs" / f"job-{job}.out").read_text()
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0", (info, log)
+    assert "stopped by SIGTERM with stop_step_" in log and "requeueing" not in log, log
+    assert (run / "ckpt" / "latest").resolve().name.startswith("stop_step_")
+    assert not (run / "summary.json").exists()
+
+
+def test_term_twice_to_hpcaux_launch_srun_saves_and_exits_0(slurm, tmp_path, cifar_root):
+    """A user's TERM to the launcher of an srun job (srun alone would kill the step): the
+    guard passes SIGUSR1 to srun, which forwards it; every rank saves; exit 0."""
+    run = tmp_path / "run"
+    cmd = [HPCAUX, "launch", "srun", "-n", "2", "--mpi=pmix", HPCAUX, "train", "--config", str(ROOT / CONFIG),
+           "--out", str(run), f"data.root={cifar_root}", "train.epochs=6", *TINY]
+    proc = subprocess.Popen(cmd, env=slurm.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "ckpt" / "latest").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    for _ in range(2):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "hpcaux launch: SIGTERM: asking every rank to save and stop (SIGUSR1 to srun" in stderr
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert report["stopped_by_signal"] == "SIGUSR1"
+    assert (run / "ckpt" / "latest").resolve().name == f"stop_step_{report['stopped_after_step']}"
 
 
 def test_scripts_are_valid_bash():

@@ -2,6 +2,10 @@
 
 `create_comm(backend, timeout_s, device)` returns a Comm. A backend that is not installed
 is a UserError naming the backend and how to get it, not an ImportError traceback.
+`auto` (the default) takes torch.distributed on CPUs, where gloo's allreduce returns as soon
+as the data is there while Horovod's background loop batches requests on a cycle
+(docs/benchmarks.md measures both), and Horovod on GPUs where it is installed (NCCL,
+tensor fusion), torch.distributed (NCCL) where it is not.
 """
 from __future__ import annotations
 
@@ -33,7 +37,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hpcaux.comm' has no attribute {name!r}")
 
 
+def resolve_backend(backend: str, device: "torch.device | None") -> str:
+    """The backend `auto` stands for on this device; any other name as given."""
+    if backend != "auto":
+        return backend
+    on_gpu = device is not None and device.type == "cuda"
+    return "horovod" if on_gpu and importlib.util.find_spec("horovod") else "torch"
+
+
 def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None) -> "Comm":
+    backend = resolve_backend(backend, device)
     if backend not in REQUIRES:
         raise UserError(f"unknown comm backend '{backend}' (choose from {', '.join(REQUIRES)})")
     module, how = REQUIRES[backend]
@@ -51,4 +64,4 @@ def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | 
     return TorchComm(timeout_s, device or torch.device("cpu"))
 
 
-__all__ = ["Comm", "Group", "create_comm", "available_backends"]
+__all__ = ["Comm", "Group", "create_comm", "available_backends", "resolve_backend"]

@@ -25,6 +25,24 @@ class ClassifierHead(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+class ConvClassifierHead(nn.Module):
+    """A 3x3 convolution (stride 2, twice the channels), BatchNorm and ReLU before the
+    pooled linear layer: a local classifier that can use spatial structure the linear
+    one cannot (the small convolutional heads of DGL and InfoPro). On ResNet-20 cut after
+    block 4 it costs about 3 % of the first stage."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        width = 2 * in_channels
+        self.conv = nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class BoundaryNorm(nn.Module):
     """Layer norm over C x H x W of each sample, without affine parameters."""
 

@@ -80,7 +80,7 @@ class LayerParallelTrainer:
         stages = make_stages(model, self.cuts, boundary_norm=True)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
-        self.local_head = build_local_head(self.shapes, s, self.data.num_classes, cfg.seed).to(device) \
+        self.local_head = build_local_head(cfg, self.shapes, s, self.data.num_classes).to(device) \
             if s < K - 1 and cfg.lp.local_cls_weight > 0 else None
         self.auxnet = build_auxnet(cfg, self.shapes, self.data.image_shape).to(device) \
             if cfg.lp.aux_source == "auxnet" else None

@@ -1,7 +1,7 @@
 """Gradient equivalence with the one-process joint loss (hpcaux.train.lp.joint), under
 mpirun -np K*D:  python check_gradients.py BACKEND DATA_ROOT RUN_DIR K D MODE...
 
-MODE is penalty, al or stored. Each rank's stage (and local head) gradient and the
+MODE is penalty (with label smoothing and the convolutional local head), al or stored. Each rank's stage (and local head) gradient and the
 allreduced AuxNet gradient must equal the gradient of L computed in one process on the
 same weights: for D > 1, L averaged over every replica's batch (one process sees the
 global batch). Then one whole step: the AL multipliers and the stored z of the batch
@@ -22,7 +22,7 @@ backend, data_root, run_root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 K, D, modes = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 comm = make_comm(backend)
 rho = 2.0
-OVERRIDES = {"penalty": ["optim.label_smoothing=0.1"], "al": ["lp.loss=al", "lp.multipliers=per_sample", "store.mode=mpio"],
+OVERRIDES = {"penalty": ["optim.label_smoothing=0.1", "lp.local_head=conv"], "al": ["lp.loss=al", "lp.multipliers=per_sample", "store.mode=mpio"],
              "stored": ["lp.aux_source=stored", "data.augment=false"]}
 
 

@@ -27,7 +27,7 @@ class JointObjective:
         seed_everything(cfg.seed)
         self.stages = make_stages(build_model(cfg.model.arch, num_classes), cuts, boundary_norm=True)
         K = len(self.stages)
-        self.heads = [build_local_head(shapes, k, num_classes, cfg.seed) if cfg.lp.local_cls_weight > 0 else None
+        self.heads = [build_local_head(cfg, shapes, k, num_classes) if cfg.lp.local_cls_weight > 0 else None
                       for k in range(K - 1)] + [None]
         self.auxnet = build_auxnet(cfg, shapes, image_shape) if cfg.lp.aux_source == "auxnet" else None
         self.local_weight = cfg.lp.local_cls_weight

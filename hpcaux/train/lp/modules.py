@@ -7,13 +7,15 @@ import torch
 
 from hpcaux.config import Config
 from hpcaux.models.auxnet import AuxNet
-from hpcaux.models.blocks import ClassifierHead
+from hpcaux.models.blocks import ClassifierHead, ConvClassifierHead
+
+LOCAL_HEADS = {"linear": ClassifierHead, "conv": ConvClassifierHead}
 
 
-def build_local_head(shapes, stage: int, num_classes: int, seed: int) -> ClassifierHead:
-    """Stage `stage`'s local classifier, seeded by (seed, stage)."""
-    torch.manual_seed(seed + 2 + stage)
-    return ClassifierHead(shapes[stage][0], num_classes)
+def build_local_head(cfg: Config, shapes, stage: int, num_classes: int) -> torch.nn.Module:
+    """Stage `stage`'s local classifier (lp.local_head), seeded by (seed, stage)."""
+    torch.manual_seed(cfg.seed + 2 + stage)
+    return LOCAL_HEADS[cfg.lp.local_head](shapes[stage][0], num_classes)
 
 
 def build_auxnet(cfg: Config, shapes, image_shape) -> AuxNet:
