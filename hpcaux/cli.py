@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
     bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
     bench.add_argument("--overwrite", action="store_true", help="run every method again")
+    bench.add_argument("--K", type=int, metavar="N", help="run the methods with N stages (ranks) instead of the file's K")
     bench.add_argument("--model", action="store_true",
                        help="only the cost model: project the speedup to larger K and models (BENCH/cost_model.md)")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
@@ -181,7 +182,7 @@ def _bench(args) -> int:
     from hpcaux.bench.main import bench
 
     print(bench(args.config, Path(args.out), quick=args.quick, reuse=args.reuse, overwrite=args.overwrite,
-                model_only=args.model, overrides=args.overrides))
+                model_only=args.model, overrides=args.overrides, K=args.K))
     return 0
 
 

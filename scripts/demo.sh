@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: install what is missing, prepare the real CIFAR-10, then train ResNet-20
-# layer-parallel on 2 MPI ranks (K=2, Horovod) and serially on the same subset, and print
-# the composed network's test accuracy and the throughput of both.
+# layer-parallel on 2 MPI ranks (K=2; comm.backend auto: torch.distributed on a CPU) and
+# serially on the same subset, and print the composed network's test accuracy and the
+# throughput of both.
 # Size knobs: DEMO_SUBSET (training images, default 4000), DEMO_EPOCHS (default 3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

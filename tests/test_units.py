@@ -66,6 +66,31 @@ def test_launch_environment_of_every_launcher(monkeypatch, env, rank, size, loca
         (rank, size, local_rank, local_size)
 
 
+@pytest.mark.parametrize("env,gpus,index,nccl", [
+    ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 4, 1, True),
+    ({"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS_PER_NODE": "4(x2)"}, 4, 2, True),
+    ({"RANK": "3", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 2, 1, False),  # 4 ranks share 2 GPUs
+])
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch, env, gpus, index, nccl):
+    """The GPU a rank takes follows its rank on the node, not its world rank (checked with a
+    faked GPU count, as on a multi-GPU node); ranks sharing a GPU talk through gloo."""
+    from hpcaux.comm.torch_backend import _own_gpu
+    from hpcaux.train.run.runtime import select_device
+
+    for name in {*launch.RANK_VARS, *launch.SIZE_VARS, *launch.LOCAL_RANK_VARS, *launch.LOCAL_SIZE_VARS}:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    device = select_device(launch.local_rank(), "auto")
+    assert device == torch.device("cuda", index) and chosen == [device]
+    assert _own_gpu(device) == nccl
+    assert select_device(launch.local_rank(), "cpu") == torch.device("cpu")
+
+
 def test_sample_stats_match_torch_over_several_batches():
     values = torch.randn(3, 50, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
     stats = SampleStats()

@@ -9,12 +9,18 @@ from hpcaux.bench.report import projection_header, projection_table, write_repor
 from hpcaux.bench.runner import check_bench_dir, run_bench
 from hpcaux.bench.spec import load_bench
 from hpcaux.config import load_config
+from hpcaux.errors import UserError
 
 
 def bench(bench_file: str, out: Path, quick: bool, reuse: bool, overwrite: bool, model_only: bool,
-          overrides: list[str]) -> str:
-    """Run the bench (or only the projection); returns what to print."""
+          overrides: list[str], K: int | None = None) -> str:
+    """Run the bench (or only the projection); returns what to print. `K` replaces the
+    bench file's K (the same methods at another stage count)."""
     spec = load_bench(bench_file)
+    if K is not None:
+        if K < 2:
+            raise UserError(f"hpcaux bench: --K must be >= 2, got {K}")
+        spec.K = K
     cfg = load_config(spec.base, spec.overrides + overrides)
     results_file = out / "results.json"
     if model_only:

@@ -1,4 +1,4 @@
-"""torch.distributed backend: gloo on the CPU, NCCL when the tensors live on GPUs.
+"""torch.distributed backend: gloo on the CPU (and for ranks that share a GPU), NCCL for one rank per GPU.
 
 The process group's own timeout is set past the watchdog's, so that a hang is reported
 by the watchdog's line (which names rank, stage and peers) rather than by gloo.
@@ -31,6 +31,12 @@ def _rendezvous_address() -> tuple[str, str]:
     return MPI.COMM_WORLD.bcast(address, root=0)
 
 
+def _own_gpu(device: torch.device) -> bool:
+    """Whether this rank has a GPU to itself: NCCL refuses two ranks of a communicator on
+    one GPU, so ranks that share one (more ranks on the node than GPUs) use gloo."""
+    return device.type == "cuda" and launch.local_size() <= torch.cuda.device_count()
+
+
 class TorchComm(Comm):
     name = "torch"
 
@@ -38,14 +44,18 @@ class TorchComm(Comm):
         rank, size = launch.world_rank(), launch.world_size()
         addr, port = _rendezvous_address() if size > 1 else ("127.0.0.1", "0")
         self.device = device
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if _own_gpu(device) else "gloo"
+        # gloo moves CPU tensors (its CUDA support does not cover send/recv): tensors of a
+        # GPU rank that shares its GPU travel through host memory.
+        self.wire = device if backend == "nccl" else torch.device("cpu")
         if size > 1:
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                     world_size=size, timeout=datetime.timedelta(seconds=timeout_s + 60))
         super().__init__(rank, size, launch.local_rank(), timeout_s)
 
     def _on_device(self, t):
-        return t if t.device == self.device or self.device.type == "cpu" else t.to(self.device)
+        """`t`, or a copy on the device the collectives run on."""
+        return t if t.device == self.wire else t.to(self.wire)
 
     def _new_group(self, ranks):
         return dist.new_group(ranks) if self.size > 1 else None

@@ -84,4 +84,5 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
             "aux_fraction_of_stage": (ranks["aux_s"] / ranks["stage_s"].clamp(min=1e-12)).max().item(),
             "peak_mem_mb_per_rank": ranks["peak_mem_mb"].tolist(),
             "allreduce_values_per_step": trainer.step.allreduce_values,
-            "threads": torch.get_num_threads(), "backend": comm.name, "store_mode": trainer.store.mode}
+            "threads": torch.get_num_threads(), "backend": comm.name, "store_mode": trainer.store.mode,
+            "device": str(trainer.device)}

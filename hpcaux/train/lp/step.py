@@ -115,13 +115,7 @@ class LayerParallelStep:
         self.stop_vote.loss_finite = bool(torch.isfinite(total))
         self.stage_opt.zero_grad(set_to_none=True)
         tensors, grads = self._backward_now(terms, target, primary, out, inp, stash)
-        delayed = exchange.delayed_gradient() if exchange else None
-        if delayed is not None:
-            tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
-            grads.append(delayed.grad)
-            if delayed.own_loss is not None:
-                tensors.append(delayed.own_loss)
-                grads.append(None)
+        delayed = self._add_delayed(tensors, grads)
         if tensors:
             torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
         for used in (stash, delayed.stash if delayed else None):
@@ -161,6 +155,19 @@ class LayerParallelStep:
         if defer and target is not None:
             torch.autograd.backward(own, inputs=[target], retain_graph=True)
         return ([sum(t.loss for t in now)], [None]) if now else ([], [])
+
+    def _add_delayed(self, tensors: list, grads: list):
+        """Add what is due this step to the backward: the gradient stage k+1 returned for
+        this stage's output two steps ago (through the kept graph, or the batch replayed)
+        and, in `fused` mode, this stage's own term of that batch."""
+        delayed = self.exchange.delayed_gradient() if self.exchange else None
+        if delayed is not None:
+            tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
+            grads.append(delayed.grad)
+            if delayed.own_loss is not None:
+                tensors.append(delayed.own_loss)
+                grads.append(None)
+        return delayed
 
     def _synchronise(self, inp, target, idx, rho: float):
         D = self.layout.D
