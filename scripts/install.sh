@@ -12,7 +12,7 @@ VENV="$ROOT/.venv"
 WHEELS="${HPCAUX_WHEEL_CACHE:-$HOME/.cache/hpcaux/wheels}"
 CONSTRAINTS="$ROOT/constraints.txt"
 APT_PACKAGES=(openmpi-bin libopenmpi-dev libhdf5-openmpi-dev hdf5-tools pkg-config cmake g++ make
-              slurm-wlm munge)
+              slurm-wlm munge iproute2)
 HDF5_MPI_DIR=/usr/lib/x86_64-linux-gnu/hdf5/openmpi
 
 log() { echo "[install] $*" >&2; }

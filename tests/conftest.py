@@ -30,12 +30,17 @@ def run(cmd, timeout: float, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, **MPI_ENV, **(env or {})})
 
 
-def mpirun(np: int, args, timeout: float = 180, env=None) -> subprocess.CompletedProcess:
-    """Run `args` under a real `mpirun -np N`; the timeout turns a hang into a failure."""
-    cmd = ["mpirun", "-np", str(np), "--bind-to", "none"]
+def mpirun_command(np: int, options=()) -> list[str]:
+    """`mpirun -np N` passing MPI_ENV on to the ranks (`options`: e.g. a hostfile)."""
+    cmd = ["mpirun", "-np", str(np), "--bind-to", "none", *options]
     for key in MPI_ENV:
         cmd += ["-x", key]
-    return run(cmd + list(args), timeout, env)
+    return cmd
+
+
+def mpirun(np: int, args, timeout: float = 180, env=None, options=()) -> subprocess.CompletedProcess:
+    """Run `args` under a real `mpirun -np N`; the timeout turns a hang into a failure."""
+    return run(mpirun_command(np, options) + list(args), timeout, env)
 
 
 def check(proc: subprocess.CompletedProcess):

@@ -1,7 +1,9 @@
-"""A real single-node SLURM cluster for the tests: munged, slurmctld and slurmd on localhost.
+"""A real SLURM cluster for the tests: munged, slurmctld and one slurmd per node.
 
-The daemons run from a private folder with their own slurm.conf (SLURM_CONF points the
-client commands at it), so the tests neither need nor disturb a site configuration.
+One node is this machine (`localhost`); two are the nodes of tests/two_nodes.py, one
+slurmd inside each, with slurmctld on the bridge as the login node. The daemons run from
+a private folder with their own slurm.conf (SLURM_CONF points the client commands at
+it), so the tests neither need nor disturb a site configuration.
 """
 from __future__ import annotations
 
@@ -13,21 +15,24 @@ import subprocess
 import time
 from pathlib import Path
 
+from two_nodes import ADDRESSES, HEAD_ADDRESS, NODES, node_command
+
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 MUNGE_SOCKET_DIR = Path("/run/munge")
 
 SLURM_CONF = """\
 ClusterName=hpcauxtest
-SlurmctldHost=localhost
+SlurmctldHost={controller}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
+TmpFS={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldPort={port}
 SlurmdPort={dport}
 MpiDefault=pmix
@@ -40,8 +45,8 @@ ReturnToService=2
 MinJobAge=3600
 KillWait=30
 JobRequeue=1
-NodeName=localhost CPUs=2 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -56,8 +61,10 @@ def missing() -> str | None:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, port: int = 6917):
-        self.root, self.port = root, port
+    def __init__(self, root: Path, port: int = 6917, two_nodes=None):
+        """`two_nodes`: a built tests.two_nodes.TwoNodes to run on (else this machine)."""
+        self.root, self.port, self.two_nodes = root, port, two_nodes
+        self.nodes = list(NODES) if two_nodes else ["localhost"]
         self.conf = root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._started_munge = None
@@ -67,19 +74,32 @@ class LocalSlurm:
 
     # --- daemons -------------------------------------------------------------------
     def start(self):
-        for sub in ("state", "spool"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text(SLURM_CONF.format(root=self.root, port=self.port, dport=self.port + 1))
+        (self.root / "state").mkdir(parents=True, exist_ok=True)
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(SLURM_CONF.format(root=self.root, port=self.port, dport=self.port + 1,
+                                               **self._topology()))
         self._start_munge()
         subprocess.run(["/usr/sbin/slurmctld", "-c", "-f", str(self.conf)], env=self.env, check=True)
-        subprocess.run(["/usr/sbin/slurmd", "-f", str(self.conf), "-N", "localhost"], env=self.env, check=True)
+        for node in self.nodes:
+            slurmd = ["/usr/sbin/slurmd", "-f", str(self.conf), "-N", node]
+            subprocess.run(node_command(node, slurmd) if self.two_nodes else slurmd, env=self.env, check=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if len(states) == len(self.nodes) and all(s in ("idle", "mixed", "allocated") for s in states):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"SLURM node did not come up (state {state!r}); see {self.root}/slurmd.log")
+        raise RuntimeError(f"SLURM nodes did not come up (states {states!r}); see {self.root}/slurmd-*.log")
+
+    def _topology(self) -> dict:
+        """slurm.conf's controller and node lines: each node a slurmd at its own address."""
+        if not self.two_nodes:
+            return {"controller": "localhost", "node_names": "localhost",
+                    "node_lines": "NodeName=localhost CPUs=2 State=UNKNOWN"}
+        return {"controller": f"localhost({HEAD_ADDRESS})", "node_names": ",".join(self.nodes),
+                "node_lines": "\n".join(f"NodeName={n} NodeAddr={ADDRESSES[n]} CPUs=2 State=UNKNOWN"
+                                        for n in self.nodes)}
 
     def _start_munge(self):
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
@@ -95,7 +115,7 @@ class LocalSlurm:
         raise RuntimeError("munged did not answer")
 
     def stop(self):
-        for name in ("slurmd", "slurmctld"):
+        for name in [f"slurmd-{n}" for n in self.nodes] + ["slurmctld"]:
             pid_file = self.root / f"{name}.pid"
             if pid_file.exists():
                 try:
@@ -111,6 +131,21 @@ class LocalSlurm:
         out = subprocess.run(["sbatch", "--parsable", *args], env=self.env, capture_output=True, text=True,
                              check=True, cwd=cwd).stdout
         return int(out.strip().split(";")[0])
+
+    def submit_training(self, runs: Path, *overrides, script="slurm/train.sbatch", options=()) -> int:
+        """sbatch `script` with configs/cifar10_resnet20_k2.yaml; the run lands in runs/JOBID."""
+        runs.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
+        self.env["HPCAUX_RUNS"] = str(runs)
+        return self.submit(f"--output={runs}/job-%j.out", *options, script, "configs/cifar10_resnet20_k2.yaml",
+                           *overrides, cwd=Path(__file__).resolve().parents[1])
+
+    def wait_for_first_checkpoint(self, job: int, run: Path, timeout=240):
+        """Block until the job has committed a checkpoint (it is then training on)."""
+        deadline = time.monotonic() + timeout
+        while not (run / "ckpt" / "latest").exists():
+            state = self.job(job)
+            assert time.monotonic() < deadline and state["JobState"] in ("PENDING", "RUNNING"), state
+            time.sleep(0.5)
 
     def job(self, job_id: int) -> dict:
         text = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, mpirun)
+from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, mpirun, mpirun_command)
 
 CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
 SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
@@ -20,9 +20,7 @@ SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100",
 
 def start(np_, out, *overrides, guarded=False) -> subprocess.Popen:
     """mpirun of a small training job (under `hpcaux launch` when `guarded`)."""
-    cmd = ([HPCAUX, "launch"] if guarded else []) + ["mpirun", "-np", str(np_), "--bind-to", "none"]
-    for key in MPI_ENV:
-        cmd += ["-x", key]
+    cmd = ([HPCAUX, "launch"] if guarded else []) + mpirun_command(np_)
     cmd += [HPCAUX, "train", "--config", CONFIG, "--out", str(out), *SMALL, *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **MPI_ENV})

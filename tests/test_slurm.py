@@ -31,23 +31,8 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit_training(slurm, runs, *overrides) -> int:
-    runs.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
-    slurm.env["HPCAUX_RUNS"] = str(runs)
-    return slurm.submit(f"--output={runs}/job-%j.out", "slurm/train.sbatch", CONFIG, *overrides, cwd=ROOT)
-
-
-def wait_for_first_checkpoint(slurm, job: int, run, timeout=240):
-    """Block until the job has committed a checkpoint (it is then training on)."""
-    deadline = time.monotonic() + timeout
-    while not (run / "ckpt" / "latest").exists():
-        state = slurm.job(job)
-        assert time.monotonic() < deadline and state["JobState"] in ("PENDING", "RUNNING"), state
-        time.sleep(0.5)
-
-
 def test_sbatch_trains_and_a_dependent_job_analyzes_the_run(slurm, tmp_path, cifar_root):
-    job = submit_training(slurm, tmp_path, f"data.root={cifar_root}", "train.epochs=2", *TINY)
+    job = slurm.submit_training(tmp_path, f"data.root={cifar_root}", "train.epochs=2", *TINY)
     analysis = slurm.submit(f"--dependency=afterok:{job}", f"--output={tmp_path}/analyze-%j.out",
                             "slurm/analyze.sbatch", str(tmp_path / str(job)), cwd=ROOT)
     assert slurm.wait(job, 300)["JobState"] == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()
@@ -64,9 +49,9 @@ def test_sbatch_trains_and_a_dependent_job_analyzes_the_run(slurm, tmp_path, cif
 
 def test_usr1_saves_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path, cifar_root):
     common = [f"data.root={cifar_root}", "train.epochs=6", "lp.loss=al", "lp.multipliers=per_sample", *TINY]
-    job = submit_training(slurm, tmp_path / "runs", *common)
+    job = slurm.submit_training(tmp_path / "runs", *common)
     run = tmp_path / "runs" / str(job)
-    wait_for_first_checkpoint(slurm, job, run)
+    slurm.wait_for_first_checkpoint(job, run)
     slurm.run("scancel", "--signal=USR1", "--batch", str(job))
     # SLURM holds a requeued job about two minutes: train the reference meanwhile.
     check(mpirun(2, [HPCAUX, "train", "--config", str(ROOT / CONFIG), "--out", str(tmp_path / "straight"), *common],
@@ -89,11 +74,11 @@ def test_term_to_the_whole_job_under_mpirun_saves_and_the_job_exits_0(slurm, tmp
     docs/hpc.md and the test below.)"""
     slurm.env["HPCAUX_LAUNCHER"] = "mpirun"
     try:
-        job = submit_training(slurm, tmp_path / "runs", f"data.root={cifar_root}", "train.epochs=6", *TINY)
+        job = slurm.submit_training(tmp_path / "runs", f"data.root={cifar_root}", "train.epochs=6", *TINY)
     finally:
         del slurm.env["HPCAUX_LAUNCHER"]
     run = tmp_path / "runs" / str(job)
-    wait_for_first_checkpoint(slurm, job, run)
+    slurm.wait_for_first_checkpoint(job, run)
     for _ in range(2):
         slurm.run("scancel", "--full", "--signal=TERM", str(job))
         time.sleep(0.05)

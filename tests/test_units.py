@@ -10,6 +10,7 @@ from hpcaux.bench.report import time_to_accuracy
 from hpcaux.comm import launch
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.store import SampleStats
+from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.schedules import learning_rate, rho_at_epoch
 from hpcaux.train.run.stop_request import StopPoint, StoppedBySignal
 
@@ -89,6 +90,17 @@ def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch, env, gpus, index
     assert device == torch.device("cuda", index) and chosen == [device]
     assert _own_gpu(device) == nccl
     assert select_device(launch.local_rank(), "cpu") == torch.device("cpu")
+
+
+def test_placement_line_counts_the_stage_boundaries_that_cross_nodes():
+    four_per_node = Layout(K=2, D=4, rank=0).describe_placement(["a"] * 4 + ["b"] * 4)
+    assert four_per_node == "placement on 2 nodes (a: ranks 0-3; b: ranks 4-7); 0 of 4 stage boundaries cross nodes"
+    # 3 tasks per node with K = 2: replica 1 (ranks 2, 3) and replica 4 (ranks 8, 9) span two nodes
+    three_per_node = Layout(K=2, D=6, rank=0).describe_placement(["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["d"] * 3)
+    assert three_per_node.endswith("2 of 6 stage boundaries cross nodes"), three_per_node
+    assert Layout(K=3, D=1, rank=0).describe_placement(["a", "b", "a"]) == \
+        "placement on 2 nodes (a: ranks 0,2; b: ranks 1); 2 of 2 stage boundaries cross nodes"
+    assert [p["replica"] for p in Layout(K=2, D=2, rank=0).placement(["a", "a", "b", "b"])] == [0, 0, 1, 1]
 
 
 def test_sample_stats_match_torch_over_several_batches():

@@ -131,6 +131,15 @@ class Comm(abc.ABC):
         self.allreduce([table], op="sum", what="allreduce per-rank statistics")
         return {name: table[:, i] for i, name in enumerate(values)}
 
+    def gather_text(self, text: str, width: int = 256) -> list[str]:
+        """Every rank's short string (its host name), indexed by rank, in one allreduce of
+        a rank x width table: fixed width, so no rank waits on another's length."""
+        encoded = text.encode()[:width]
+        table = torch.zeros(self.size, width, dtype=torch.int32)
+        table[self.rank, :len(encoded)] = torch.tensor(list(encoded), dtype=torch.int32)
+        self.allreduce([table], op="sum", what="allreduce of per-rank text")
+        return [bytes(row[row > 0].to(torch.uint8).tolist()).decode(errors="replace") for row in table]
+
     def agree(self, check, what: str):
         """Run a check that may fail on some ranks only; fail on all ranks alike.
 

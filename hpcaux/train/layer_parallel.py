@@ -10,6 +10,7 @@ composition, run across the ranks by lp.composed.
 from __future__ import annotations
 
 import itertools
+import socket
 import time
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class LayerParallelTrainer:
         self.layout = lay = _checked_layout(cfg, comm)
         s = lay.stage
         comm.watchdog.context.update(stage=s, replica=lay.replica)
+        self.hosts = comm.gather_text(socket.gethostname())
         self.resume_from, manifest = comm.agree(lambda: read_resume_manifest(run_dir, K), "the checkpoint") \
             if resume else (None, None)
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
@@ -151,6 +153,7 @@ class LayerParallelTrainer:
                          resumed_after=self.start_epoch if self.resume_from is not None else None) \
             if self.comm.rank == 0 else None
         progress = Progress(steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
+        progress.note(lay.describe_placement(self.hosts))
         if self.resume_from is not None:
             within = f", step {self.start_step_in_epoch} of epoch {self.start_epoch + 1}" if self.start_step_in_epoch else ""
             progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}{within}")

@@ -1,4 +1,4 @@
-"""world = K stages x D replicas: which stage and replica a rank owns, and its peers."""
+"""world = K stages x D replicas: which stage and replica a rank owns, its peers, and where they run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,3 +52,32 @@ class Layout:
 
     def replica_ranks(self, replica: int) -> list[int]:
         return [self.rank_of(s, replica) for s in range(self.K)]
+
+    def placement(self, hosts: list[str]) -> list[dict]:
+        """Rank, host, stage and replica of every rank (summary.json's "placement"), from
+        the host name of each rank (Comm.gather_text)."""
+        return [{"rank": r, "host": h, "stage": self.stage_of(r), "replica": r // self.K} for r, h in enumerate(hosts)]
+
+    def describe_placement(self, hosts: list[str]) -> str:
+        """One line for the job log: which ranks each node holds, and how many stage
+        boundaries (the per-step activation and gradient exchange) cross nodes. With
+        tasks per node a multiple of K every replica sits on one node and none do."""
+        nodes: dict[str, list[int]] = {}
+        for r, h in enumerate(hosts):
+            nodes.setdefault(h, []).append(r)
+        crossing = sum(hosts[self.rank_of(k, d)] != hosts[self.rank_of(k + 1, d)]
+                       for d in range(self.D) for k in range(self.K - 1))
+        where = "; ".join(f"{h}: ranks {_ranges(rs)}" for h, rs in nodes.items())
+        return (f"placement on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ({where}); "
+                f"{crossing} of {(self.K - 1) * self.D} stage boundaries cross nodes")
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    spans = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
