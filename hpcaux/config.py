@@ -96,7 +96,7 @@ class LayerParallelConfig:
     rho_growth: float = field(default=1.2, metadata={"min": 1.0, "help": "rho *= rho_growth after every epoch"})
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
     multipliers: str = field(default="none", metadata={"choices": ("none", "per_sample")})
-    aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored")})
+    aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored", "none"), "help": "where a stage's input and target come from: the AuxNet, stored z, or nowhere (none: K = 2 with lp.real_inputs only, a two-stage delayed-gradient pipeline without an AuxNet; docs/algorithm.md)"})
     z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
     local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
@@ -256,6 +256,12 @@ def _check_consistency(cfg: Config):
     if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
         raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
                         "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
+    if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
+        raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
+                        "(without an AuxNet the last stage trains on stage 1's real output alone)")
+    if cfg.lp.aux_source == "none" and cfg.lp.multipliers != "none":
+        raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty and lp.multipliers=none "
+                        "(multipliers belong to an AuxNet target)")
     if cfg.lp.real_inputs != "none" and cfg.lp.aux_source == "stored":
         raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
     if cfg.lp.rho_max < cfg.lp.rho0:

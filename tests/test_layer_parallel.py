@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import HPCAUX, ROOT, check, installed_backends, mpirun
+from conftest import HPCAUX, ROOT, assert_same_final_weights, check, installed_backends, mpirun
 
 SCRIPTS = ROOT / "tests" / "mpi"
 
@@ -40,7 +40,7 @@ def test_finetune_step_equals_one_process_backprop(np, D, cifar_root, tmp_path):
     assert out.count("fine-tune gradients match") == np
 
 
-@pytest.mark.parametrize("mode", ["keep", "fused", "replay"])
+@pytest.mark.parametrize("mode", ["keep", "fused", "replay", "auxless"])
 @pytest.mark.parametrize("backend", installed_backends())
 def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode, backend, cifar_root, tmp_path):
     out = _check_script(2, "check_exchange.py", backend, cifar_root, tmp_path, mode)
@@ -105,6 +105,30 @@ def test_stored_mode_runs_end_to_end(tmp_path, cifar_root):
     assert all(0.5 < m["z_std"][0] < 2.0 for m in metrics), metrics
     # the z of the batch travel in the one allreduce: batch x boundary elements
     assert summary["allreduce_values_per_step"] == 32 * 16 * 32 * 32
+
+
+def test_without_an_auxnet_the_pipeline_trains_resumes_at_an_epoch_and_eval_agrees(tmp_path, cifar_root):
+    """lp.aux_source=none: no AuxNet anywhere (no metrics, no checkpoint file, no allreduce
+    of its gradients); the exchange drains at every epoch's end, so a run stopped there
+    and resumed ends with the weights of an uninterrupted one."""
+    auxless = ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.aux_source=none", "lp.local_cls_weight=0",
+               "parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
+               "data.eval_subset=200", "data.test_subset=500"]
+    proc, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, *auxless)
+    assert summary["aux_source"] == "none" and summary["auxnet_path_acc"] is None
+    assert summary["allreduce_values_per_step"] == 0 and summary["aux_ms_per_rank"][0] < 5
+    assert all(m["train_rel_gap"] is None and m["stage_loss"][1] > 0 for m in metrics), metrics
+    assert " gap " not in proc.stdout and "auxnet-path" not in proc.stdout
+    assert sorted(p.name for p in (out / "ckpt" / "final").iterdir()) == ["manifest.json", "stage_0.pt", "stage_1.pt"]
+    stopped = tmp_path / "stopped"
+    train = [HPCAUX, "train", "--config", str(ROOT / "configs" / "cifar10_resnet20_k2.yaml"), "--out", str(stopped),
+             f"data.root={cifar_root}", "train.progress=false", f"comm.backend={installed_backends()[0]}", *auxless]
+    check(mpirun(2, train + ["--max-epochs", "1"], timeout=300))
+    check(mpirun(2, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
+    assert_same_final_weights(out, stopped, files=("stage_0.pt", "stage_1.pt"))
+    evaluated = check(mpirun(1, [HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"],
+                                                                                             abs=1e-9)
 
 
 @pytest.mark.quick

@@ -50,6 +50,9 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
         raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
     check_stage_count(K, block_count(cfg.model.arch))
     lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
+    if cfg.lp.aux_source == "none" and K != 2:
+        raise UserError(f"config key 'lp.aux_source' none needs parallel.K=2, got {K} "
+                        "(a middle stage needs the AuxNet for its input)")
     if cfg.lp.aux_source == "stored" and lay.D > 1:
         raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
     if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
@@ -173,7 +176,7 @@ class LayerParallelTrainer:
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
             if self.step.exchange:
                 self.step.exchange.start_epoch(loop.step - epoch * steps)
-            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source == "auxnet"),
+            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored"),
                                     loop.step - epoch * steps)
             if self.step.exchange:
                 self.step.exchange.drain()

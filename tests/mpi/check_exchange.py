@@ -1,6 +1,8 @@
 """The neighbour exchange under mpirun -np 2:  python check_exchange.py BACKEND DATA_ROOT RUN_DIR MODE
 
-MODE is keep, fused or replay (lp.real_inputs=beside). Over the first steps of an epoch:
+MODE is keep, fused or replay (lp.real_inputs=beside), or auxless: fused with
+lp.real_inputs=only and no AuxNet (lp.aux_source=none), where the last stage trains on
+nothing at step 0. Over the first steps of an epoch:
 * stage 2's real input at step s is exactly stage 1's output on batch s-1, with batch
   s-1's labels (none at step 0);
 * the gradient stage 1 applies at step s is exactly the one stage 2 returned for batch
@@ -23,7 +25,9 @@ from hpcaux.train.lp.losses import stage_term
 
 backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, 2, 1, "lp.real_inputs=beside", f"lp.delayed_grad={mode}", "train.batch_size=32",
+delayed_mode = "fused" if mode == "auxless" else mode
+inputs = ["lp.real_inputs=only", "lp.aux_source=none"] if mode == "auxless" else ["lp.real_inputs=beside"]
+cfg = tiny_config(data_root, backend, 2, 1, *inputs, f"lp.delayed_grad={delayed_mode}", "train.batch_size=32",
                   "data.train_subset=512")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 step, exchange, stage = trainer.step, trainer.step.exchange, trainer.stage
@@ -73,7 +77,7 @@ def expected_stage_gradient(s):
     """Stage 1's gradient at step s, recomputed on the copies taken before each step:
     keep/replay: own term of batch s (weights of step s) + the returned gradient through
     the weights of step s-2 (keep) or s (replay); fused: both at the weights of step s-2."""
-    if mode == "fused":
+    if delayed_mode == "fused":
         then = snapshots[s - 2][0]
         out, loss = own_term(snapshots[s - 2], batches[s - 2])
         torch.autograd.backward([loss, out], [None, record["applied"][s]])
@@ -94,18 +98,21 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     batches.append((x, y))
     if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
         with torch.no_grad():
-            target = trainer.auxnet(x, [0])[0]
+            target = trainer.auxnet(x, [0])[0] if trainer.auxnet else None
         snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), target)
     outputs = step.compute_gradients(x, y, idx, rho)
-    if trainer.layout.is_first and s < 2 and mode == "fused":
+    if trainer.layout.is_first and s < 2 and delayed_mode == "fused":
         assert all(p.grad is None for p in stage.parameters()), f"step {s}: fused mode has nothing due yet"
+    elif trainer.layout.is_last and s == 0 and mode == "auxless":
+        assert all(p.grad is None for p in stage.parameters()), "step 0: without an AuxNet stage 2 has no input yet"
     elif trainer.layout.is_first and s >= 2:
         expected = expected_stage_gradient(s)
         for p, want in zip(stage.parameters(), expected):
             assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-6), \
                 f"step {s}: stage 1 gradient differs by {(p.grad - want).abs().max().item():.3e}"
     trainer.stage_opt.step()
-    trainer.aux_opt.step()
+    if trainer.aux_opt:
+        trainer.aux_opt.step()
     exchange.end_step()
 exchange.drain()  # a stop after step STEPS-1, inside the epoch: nothing may hang
 

@@ -33,10 +33,14 @@ def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=
 
     `pull_stage=False` (lp.consistency: auxnet_follows) makes the consistency terms
     one-directional: the AuxNet regresses the stage's output, the stage is not pulled
-    towards the AuxNet (its output enters them detached)."""
+    towards the AuxNet (its output enters them detached). Without a target (lp.aux_source:
+    none) an earlier stage's own term is its local classifier alone, as on a real input."""
     if is_last:
         ce = criterion(output, labels)
         return StageTerm(ce, None, {"ce": ce.item()})
+    if target is None:
+        return real_input_term(output, labels, is_last=False, local_head=local_head, local_weight=local_weight,
+                               criterion=criterion)
     residual = (output if pull_stage else output.detach()) - target
     penalty = 0.5 * rho * residual.pow(2).mean()
     loss, parts = penalty, {"penalty": penalty.item()}

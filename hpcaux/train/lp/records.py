@@ -37,7 +37,8 @@ def layer_parallel_record(epoch: int, rho: float, totals: EpochTotals, step: Lay
 
     stored = cfg.lp.aux_source == "stored"
     return {"epoch": epoch + 1, "phase": "layer_parallel", "rho": rho, "lr": totals.lr,
-            "stage_loss": ranks["loss"][:layout.K].tolist(), "train_rel_gap": per_boundary("train_gap"), **metrics,
+            "stage_loss": ranks["loss"][:layout.K].tolist(), "train_rel_gap": per_boundary("train_gap", cfg.lp.aux_source != "none"),
+            **metrics,
             "step_ms": _ms(ranks["step_s"]), "aux_ms": _ms(ranks["aux_s"]), "comm_ms": _ms(ranks["comm_s"]),
             "multiplier_rms": per_boundary("multiplier_rms", cfg.lp.multipliers == "per_sample"),
             "z_mean": per_boundary("z_mean", stored), "z_std": per_boundary("z_std", stored),
@@ -57,10 +58,11 @@ def finetune_record(epoch: int, totals: EpochTotals, comm: Comm, layout: Layout,
 def epoch_line(r: dict) -> str:
     """The line printed after every epoch."""
     gaps = " ".join(f"{g:.4f}" for g in r.get("rel_gap", r.get("train_rel_gap") or []))
+    gaps = f" gap {gaps}" if gaps else ""  # no AuxNet, no gap
     aux = f" auxnet-path {r['auxnet_path_acc']:.3f}" if "auxnet_path_acc" in r else ""
     steps = "/".join(f"{t:.0f}" for t in r["step_ms"])
     return (f"epoch {r['epoch']} [{r['phase']}]: loss {'/'.join(f'{v:.3f}' for v in r['stage_loss'])} "
-            f"composed {r['composed_acc']:.3f}{aux} gap {gaps} rho {r.get('rho', 0):.2f} "
+            f"composed {r['composed_acc']:.3f}{aux}{gaps} rho {r.get('rho', 0):.2f} "
             f"step ms {steps} ({r['samples_per_s']:.0f} samples/s)")
 
 

@@ -1,13 +1,15 @@
 """One layer-parallel training step of one rank (docs/design.md §1–§2).
 
   1. inputs: the AuxNet heads the rank needs (A_{k-1}(x) as its input, A_k(x) as its
-     target), or the stored z of the batch (aux_source: stored);
+     target), the stored z of the batch (aux_source: stored), or only the image for the
+     first stage (aux_source: none, where the last stage trains on real inputs alone);
   2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
      input/target gradients back-propagated into the AuxNet (a separate backward, so its
      cost is measured on its own);
   3. synchronise: ONE world allreduce of the AuxNet gradients (summed over stages,
      averaged over replicas), the AuxNet BatchNorm buffers (averaged) and the stop vote,
-     or, in stored mode, the z gradients of the batch over the replica; plus, when D > 1,
+     or, in stored mode, the z gradients of the batch over the replica, or (aux_source:
+     none) the stop vote alone; plus, when D > 1,
      the stage-gradient average over the stage's process set;
   4. apply: the optimiser steps, the AL multiplier update, the stored-z step.
 """
@@ -70,6 +72,8 @@ class LayerParallelStep:
     def inputs(self, x, idx, with_input: bool = True):
         """(stage input, target, AuxNet outputs to back-propagate into) for a batch;
         `with_input=False` skips the input head (a stage that trains on a real input only)."""
+        if self.cfg.lp.aux_source == "none":  # only the first stage has an input of its own
+            return (x if self.in_boundary is None else None), None, {}
         if self.auxnet is None:
             def stored(b):
                 return self.store.read_rows(z_name(b), idx).to(self.device).requires_grad_()
@@ -101,6 +105,7 @@ class LayerParallelStep:
             if self.has_multipliers else None
         terms, out = [], None
         stash = WeightStash(self.stage, self.local_head) if exchange and exchange.keeps_graph() else None
+        primary = primary and inp is not None  # aux_source none: the last stage waits for its first real input
         if primary:
             out = stash.run(0, inp) if stash else self.stage(inp)
             head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
@@ -111,10 +116,10 @@ class LayerParallelStep:
             terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
                                          local_head=self.local_head, local_weight=lp.local_cls_weight,
                                          criterion=self.criterion))
-        total = sum(t.loss for t in terms)
+        total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         self.stop_vote.loss_finite = bool(torch.isfinite(total))
         self.stage_opt.zero_grad(set_to_none=True)
-        tensors, grads = self._backward_now(terms, target, primary, out, inp, stash)
+        tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash)
         delayed = self._add_delayed(tensors, grads)
         if tensors:
             torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
@@ -132,12 +137,12 @@ class LayerParallelStep:
         t3 = time.perf_counter()
         self._synchronise(inp, target, idx, rho)
         t4 = time.perf_counter()
-        term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual,
+        term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual if terms else None,
                                                            {k: v for t in terms for k, v in t.parts.items()})
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier,
                            {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3 + t_wait})
 
-    def _backward_now(self, terms, target, primary: bool, out, inp, stash) -> tuple[list, list]:
+    def _backward_now(self, terms, total, target, primary: bool, out, inp, stash) -> tuple[list, list]:
         """Send this step's output on and say what goes back through the stage now.
 
         Normally that is every term of the step. With `lp.delayed_grad: fused` the own
@@ -146,7 +151,7 @@ class LayerParallelStep:
         is not delayed."""
         exchange = self.exchange
         if not exchange:
-            return [sum(t.loss for t in terms)], [None]
+            return [total], [None]
         own = terms[0].loss if primary else None
         defer = exchange.defers_own_term()
         if primary:
@@ -182,8 +187,10 @@ class LayerParallelStep:
             grads = [p.grad for p in self.auxnet.parameters()]
             self.comm.allreduce(grads + buffers + [self.stop_vote.cast()], op="sum", what="allreduce AuxNet gradients")
             self.allreduce_values = sum(t.numel() for t in grads + buffers)
-        else:
+        elif self.cfg.lp.aux_source == "stored":
             self._synchronise_stored_z(inp, target, idx, rho)
+        else:
+            self.comm.allreduce([self.stop_vote.cast()], op="sum", what="allreduce stop votes")
         if D > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
             self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
