@@ -35,9 +35,9 @@ def layer_parallel_record(epoch: int, rho: float, totals: EpochTotals, step: Lay
     def per_boundary(name, wanted=True):
         return ranks[name][owners].tolist() if wanted else None
 
-    stored = cfg.lp.aux_source == "stored"
+    stored, auxless = cfg.lp.aux_source == "stored", cfg.lp.aux_source == "none"
     return {"epoch": epoch + 1, "phase": "layer_parallel", "rho": rho, "lr": totals.lr,
-            "stage_loss": ranks["loss"][:layout.K].tolist(), "train_rel_gap": per_boundary("train_gap", cfg.lp.aux_source != "none"),
+            "stage_loss": ranks["loss"][:layout.K].tolist(), "train_rel_gap": per_boundary("train_gap", not auxless),
             **metrics,
             "step_ms": _ms(ranks["step_s"]), "aux_ms": _ms(ranks["aux_s"]), "comm_ms": _ms(ranks["comm_s"]),
             "multiplier_rms": per_boundary("multiplier_rms", cfg.lp.multipliers == "per_sample"),

@@ -30,7 +30,7 @@ class Layout:
 
     @property
     def replica(self) -> int:
-        return self.rank // self.K
+        return self.replica_of(self.rank)
 
     @property
     def is_first(self) -> bool:
@@ -42,6 +42,9 @@ class Layout:
 
     def stage_of(self, rank: int) -> int:
         return rank % self.K
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.K
 
     def rank_of(self, stage: int, replica: int | None = None) -> int:
         return (self.replica if replica is None else replica) * self.K + stage
@@ -56,7 +59,8 @@ class Layout:
     def placement(self, hosts: list[str]) -> list[dict]:
         """Rank, host, stage and replica of every rank (summary.json's "placement"), from
         the host name of each rank (Comm.gather_text)."""
-        return [{"rank": r, "host": h, "stage": self.stage_of(r), "replica": r // self.K} for r, h in enumerate(hosts)]
+        return [{"rank": r, "host": h, "stage": self.stage_of(r), "replica": self.replica_of(r)}
+                for r, h in enumerate(hosts)]
 
     def describe_placement(self, hosts: list[str]) -> str:
         """One line for the job log: which ranks each node holds, and how many stage
