@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,32 @@ def mpirun_command(np: int, options=()) -> list[str]:
 def mpirun(np: int, args, timeout: float = 180, env=None, options=()) -> subprocess.CompletedProcess:
     """Run `args` under a real `mpirun -np N`; the timeout turns a hang into a failure."""
     return run(mpirun_command(np, options) + list(args), timeout, env)
+
+
+def wait_for_epochs(out, n: int, proc, timeout=240):
+    """Block until the checkpoint of epoch `n` is committed (the job is then in epoch n + 1)."""
+    deadline = time.monotonic() + timeout
+    manifest = out / "ckpt" / "latest" / "manifest.json"
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(manifest.read_text())["epoch"] >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    raise TimeoutError(f"no checkpoint of epoch {n} in {out}")
+
+
+def finish(proc, timeout) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"job still running {timeout} s after the fault:\n{stderr[-3000:]}")
+    return proc.returncode, stdout, stderr, time.monotonic() - started
 
 
 def check(proc: subprocess.CompletedProcess):

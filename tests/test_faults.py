@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, mpirun, mpirun_command)
+from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, finish, mpirun, mpirun_command,
+                      wait_for_epochs)
 
 CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
 SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
@@ -26,36 +27,10 @@ def start(np_, out, *overrides, guarded=False) -> subprocess.Popen:
                             env={**os.environ, **MPI_ENV})
 
 
-def wait_for_epochs(out, n: int, proc, timeout=240):
-    """Block until the checkpoint of epoch `n` is committed (the job is then in epoch n + 1)."""
-    deadline = time.monotonic() + timeout
-    manifest = out / "ckpt" / "latest" / "manifest.json"
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(manifest.read_text())["epoch"] >= n:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint of epoch {n} in {out}")
-
-
 def ranks_of(proc) -> list[int]:
     """The rank processes mpirun started (its children), in rank order."""
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     return sorted(int(pid) for pid in children)
-
-
-def finish(proc, timeout) -> tuple[int, str, str, float]:
-    started = time.monotonic()
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"job still running {timeout} s after the fault:\n{stderr[-3000:]}")
-    return proc.returncode, stdout, stderr, time.monotonic() - started
 
 
 @pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune"),
