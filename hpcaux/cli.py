@@ -119,7 +119,10 @@ def _train(args) -> int:
     else:
         if cfg.method != "layer_parallel" and (args.resume or args.max_epochs):
             raise UserError("--resume and --max-epochs are for layer-parallel runs")
-        summary = _train_distributed(cfg, run_dir, device, args, stop)
+        try:
+            summary = _train_distributed(cfg, run_dir, device, args, stop)
+        finally:
+            stop.settle()
     if "stopped_after_epoch" in summary or "stopped_by_signal" in summary:
         if launch.world_rank() == 0:
             print(json.dumps({**summary, "resume_with": f"hpcaux train --resume {run_dir}"}))

@@ -9,7 +9,8 @@ mpirun forwards SIGUSR1 untouched, and the ranks treat SIGUSR1 and SIGTERM alike
 (docs/design.md §5). This guard starts the launcher in its own session (a Ctrl-C in the
 terminal reaches the guard, not mpirun) and turns every TERM, INT, HUP or USR1 it gets
 into SIGUSR1 for the launcher. A repeated signal is forwarded again, which the ranks
-ignore; `kill -9` of the launcher (its pid is printed) ends the job at once.
+ignore, and one that comes once the launcher has ended is ignored by the guard itself;
+`kill -9` of the launcher (its pid is printed) ends the job at once.
 """
 from __future__ import annotations
 
@@ -37,15 +38,18 @@ def run_guarded(command: list[str]) -> int:
         if launcher:
             _ask_to_stop(launcher[0], command[0], received)
 
-    previous = {signum: signal.signal(signum, forward) for signum in GUARDED}
+    for signum in GUARDED:
+        signal.signal(signum, forward)
     try:
         launcher.append(subprocess.Popen(command, start_new_session=True))
         if received:  # a signal that came while the launcher was being started
             _ask_to_stop(launcher[0], command[0], received)
         status = launcher[0].wait()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        # Ignored, not restored, up to the exit: a repeat that lands after the launcher
+        # ended must not turn the job's clean end into "killed by SIGTERM".
+        for signum in GUARDED:
+            signal.signal(signum, signal.SIG_IGN)
     return status if status >= 0 else 128 - status
 
 

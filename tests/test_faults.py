@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,27 +35,27 @@ def ranks_of(proc) -> list[int]:
 
 
 @pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune"),
-                                       ("TERM twice to hpcaux launch", "layer_parallel")])
+                                       ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel")])
 def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, tmp_path, cifar_root):
     schedule = ["train.epochs=3"] if phase == "layer_parallel" else ["train.epochs=1", "lp.finetune_epochs=2"]
     common = [f"data.root={cifar_root}", "lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]", *schedule]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = start(2, stopped, *common, guarded=how.endswith("hpcaux launch"))
+    proc = start(2, stopped, *common, guarded="hpcaux launch" in how)
     wait_for_epochs(stopped, 1, proc)
     if how.startswith("USR1"):
         proc.send_signal(signal.SIGUSR1)  # mpirun forwards SIGUSR1 to every rank
-    elif how.startswith("TERM twice"):  # mpirun alone would kill the ranks (exit 1)
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+    elif how.endswith("repeated until the job ends"):  # mpirun alone would kill the ranks (exit 1)
+        while proc.poll() is None:  # the repeats land in every phase: the step, the save, the exit
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
     else:
         for pid in ranks_of(proc):  # what SLURM does at a time limit
             os.kill(pid, signal.SIGTERM)
     code, stdout, stderr, _ = finish(proc, 120)
     assert code == 0, stderr[-3000:]
     report = json.loads(stdout.strip().splitlines()[-1])
-    assert report["stopped_by_signal"] == ("SIGTERM" if how.startswith("TERM to") else "SIGUSR1")
-    if how.startswith("TERM twice"):
+    assert report["stopped_by_signal"] == ("SIGTERM" if how == "TERM to every rank" else "SIGUSR1")
+    if how.endswith("repeated until the job ends"):
         assert stderr.count("hpcaux launch: SIGTERM: asking every rank to save and stop") == 1, stderr[-3000:]
     manifest = json.loads((stopped / "ckpt" / "latest" / "manifest.json").read_text())
     # nothing trained is lost: the checkpoint holds every step made before the stop
@@ -87,12 +88,34 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange(tmp_path, cifar
     assert summary["epochs"] == 3 and summary["test_acc"] * 100 == pytest.approx(round(summary["test_acc"] * 100))
 
 
+def wait_for_stop_handlers(proc, ranks: int, timeout=120):
+    """Block until mpirun has started its `ranks` ranks and each catches SIGUSR1 (the
+    SigCgt mask of /proc/PID/status): `hpcaux train` sets its handler before it imports
+    torch. A signal sent to mpirun earlier is not held: mpirun drops it while it has no
+    ranks, and a rank that has not reached its handler dies of it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        caught = []
+        for pid in ranks_of(proc):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+            caught.append(bool(mask & (1 << (signal.SIGUSR1 - 1))))
+        if len(caught) == ranks and all(caught):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"the {ranks} ranks did not set their stop handlers in {timeout} s")
+
+
 def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, cifar_root):
-    """A signal one second after launch, while the ranks still import torch and load the
-    data: it is held, the first step runs, and the job saves and exits 0."""
+    """A signal as soon as the ranks have set their handler, while they still import torch
+    and load the data: it is held, the first step runs, and the job saves and exits 0."""
     stopped = tmp_path / "stopped"
     proc = start(2, stopped, f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=2")
-    time.sleep(1.0)
+    wait_for_stop_handlers(proc, 2)
     proc.send_signal(signal.SIGUSR1)
     code, stdout, stderr, _ = finish(proc, 120)
     assert code == 0, stderr[-3000:]

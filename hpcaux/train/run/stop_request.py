@@ -7,7 +7,10 @@ flag is carried as a vote inside an allreduce (`StopVote`), so every rank sees t
 verdict after the same step; `StopPoint` then decides where the run checkpoints and
 unwinds (docs/design.md §5). Further signals change nothing: under SLURM a task can get
 the same SIGTERM from slurmd and from srun, and dying on the second would lose the save.
-SIGINT (Ctrl-C) and SIGKILL still end a process at once.
+That holds up to the process's exit: once the run returns, the signals are ignored
+(`settle`), because Python's shutdown puts back their default action and a repeat that
+lands there would end a rank that has saved with "exited on signal 10", and the job with
+a failure. SIGINT (Ctrl-C) and SIGKILL still end a process at once.
 """
 from __future__ import annotations
 
@@ -46,6 +49,12 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
         if self.signal_name is not None:
             os.kill(os.getpid(), signal.Signals[self.signal_name])
+
+    def settle(self):
+        """The run has returned (its work saved or failed): ignore stop signals up to the
+        exit, so a late or repeated one cannot turn a clean end into a killed rank."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
     @property
     def requested(self) -> bool:
