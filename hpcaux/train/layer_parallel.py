@@ -24,7 +24,7 @@ from hpcaux.models import block_count, build_model
 from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
 from hpcaux.store.aux_store import open_store_for_run
 from hpcaux.train.loop import EpochLoop, LrSchedule
-from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_trainer, save_trainer
+from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.finetune import FinetuneStep
@@ -95,8 +95,12 @@ class LayerParallelTrainer:
         stage_params = list(self.stage.parameters()) + (list(self.local_head.parameters()) if self.local_head else [])
         self.stage_opt = make_optimizer(stage_params, cfg.optim)
         self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
+        self.resumed_exchange = None
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
             comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
+            if cfg.lp.real_inputs != "none":
+                self.resumed_exchange = comm.agree(lambda: restore_exchange(self, self.resume_from, manifest),
+                                                   "restoring the neighbour exchange")
         if create_run is not None:
             comm.agree(lambda: create_run() if comm.rank == 0 else None, "creating the run directory")
         self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode, resume=resume),
@@ -105,7 +109,8 @@ class LayerParallelTrainer:
                                     "the HDF5 store layout")
         self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size, self.steps, device,
-                                     cfg.lp.delayed_grad) if cfg.lp.real_inputs != "none" else None
+                                     cfg.lp.delayed_grad, (self.stage, self.local_head)) \
+            if cfg.lp.real_inputs != "none" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
                                       auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
                                       store=self.store, shapes=self.shapes, stage_group=stage_group,
@@ -116,7 +121,8 @@ class LayerParallelTrainer:
         self.chain = StageChain(comm, lay, self.stage, self.shapes, device)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
         self.start_epoch = manifest["epoch"] if manifest else 0
-        # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made.
+        # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made
+        # (and continue the neighbour exchange from what was in flight, resumed_exchange).
         self.start_step_in_epoch = manifest.get("step_in_epoch", 0) if manifest else 0
 
     def batches(self, epoch: int, augment: bool):
@@ -169,13 +175,14 @@ class LayerParallelTrainer:
                          LrSchedule(cfg.optim, steps * epochs, steps), lambda x, y, idx: self.step(x, y, idx, rho),
                          progress, self.comm.watchdog.context,
                          describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
-                         stop=StopPoint(lambda e, s: self._drain_and_save(f"stop_step_{e * steps + s}", e, s), steps))
+                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps))
         for epoch in range(self.start_epoch, min(epochs, last_epoch)):
             rho = rho_at_epoch(cfg.lp, epoch)
             self.step.epoch_stats = self.step.fresh_stats()
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
             if self.step.exchange:
-                self.step.exchange.start_epoch(loop.step - epoch * steps)
+                self.step.exchange.start_epoch(loop.step - epoch * steps,
+                                               self.resumed_exchange if epoch == self.start_epoch else None)
             totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored"),
                                     loop.step - epoch * steps)
             if self.step.exchange:
@@ -241,15 +248,16 @@ class LayerParallelTrainer:
         else:
             self.store.flush(self.comm.barrier)
 
-    def _drain_and_save(self, tag: str, epoch: int, step_in_epoch: int):
-        """A stop inside a layer-parallel epoch: settle the neighbour exchange, then save.
-        The exchange is not checkpointed; the resumed epoch starts it afresh."""
-        if self.step.exchange:
-            self.step.exchange.drain()
-        self.save(tag, epoch, "layer_parallel", step_in_epoch=step_in_epoch)
+    def _settle_and_save(self, tag: str, epoch: int, step_in_epoch: int):
+        """A stop in a layer-parallel epoch: settle the neighbour exchange, then save it with
+        the rest, so the resume continues it where it stopped (at an epoch's start nothing
+        is in flight)."""
+        exchange = self.step.exchange.settle(self.step.real_input_gradient) \
+            if self.step.exchange and step_in_epoch else None
+        self.save(tag, epoch, "layer_parallel", step_in_epoch=step_in_epoch, exchange=exchange)
 
-    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0):
+    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0, exchange=None):
         self.store.flush(self.comm.barrier)
-        save_trainer(self, tag, epoch, phase, finetune_opt, step_in_epoch)
+        save_trainer(self, tag, epoch, phase, finetune_opt, step_in_epoch, exchange)
         if self.comm.rank == 0:
             discard_set_aside(self.run_dir)

@@ -11,7 +11,9 @@ nothing at step 0. Over the first steps of an epoch:
   returned gradient back-propagated through its stage at the weights of step s-2 (keep)
   or of step s (replay), computed here on copies; with fused, its own term on batch s-2
   and the returned gradient, both at the weights of step s-2 (none at steps 0 and 1);
-* a stop in the middle of the epoch drains the exchange without a hang.
+* a stop in the middle of the epoch settles the exchange without a hang: stage 2 keeps
+  stage 1's last output and returns its gradient at once (BatchNorm statistics untouched),
+  stage 1 settles its last two batches (test_faults checks that the resume is exact).
 """
 import copy
 import sys
@@ -114,7 +116,16 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     if trainer.aux_opt:
         trainer.aux_opt.step()
     exchange.end_step()
-exchange.drain()  # a stop after step STEPS-1, inside the epoch: nothing may hang
+buffers = [b.clone() for b in stage.buffers()]
+state = exchange.settle(step.real_input_gradient)  # a stop after step STEPS-1, inside the epoch
+assert all(torch.equal(b, saved) for b, saved in zip(stage.buffers(), buffers)), "settling moved BatchNorm statistics"
+if trainer.layout.is_last:
+    assert state["real"]["returned"] and not state["delayed"]
+    record["settled_real"] = state["real"]["tensor"]
+else:
+    assert state["real"] is None and [d["step"] for d in state["delayed"]] == [STEPS - 2, STEPS - 1], state
+    kind = "stage_input" if mode == "replay" else "parameter_grads"
+    assert all(kind in d for d in state["delayed"]), state["delayed"]
 
 torch.save({k: v for k, v in record.items()}, run_dir / f"record_{comm.rank}.pt")
 comm.barrier()
@@ -127,6 +138,7 @@ if comm.rank == 0:
         assert torch.equal(labels, batches[s - 1][1]), f"labels at step {s} are not batch {s - 1}'s"
     for s in range(2, STEPS):
         assert torch.equal(mine["applied"][s], theirs["returned"][s - 1]), f"gradient applied at step {s} differs"
+    assert torch.equal(theirs["settled_real"], mine["sent"][STEPS - 1]), "the settled real input is not the last output"
     print(f"exchange ({mode}): real inputs one step late, gradients two steps late, stage gradients match")
 trainer.store.close(comm.barrier)
 comm.finalize()

@@ -3,6 +3,8 @@
 RUN/ckpt/<tag>/stage_k.pt holds stage k's weights, its local classifier and optimiser
 state (written by stage k of replica 0: the replicas are identical); auxnet.pt holds the
 AuxNet and its optimiser (rank 0). z and lambda live in aux.h5, flushed before the save.
+A stop inside an epoch with the neighbour exchange adds exchange_k_r.pt per rank (stage k,
+replica r: the replicas train on different batches): what was in flight (exchange.py).
 A resume needs the same K (the cut points are taken from the manifest); a different D
 is fine, since every replica of a stage loads the same file.
 """
@@ -43,9 +45,17 @@ def read_resume_manifest(run_dir: Path, K: int) -> tuple[Path, dict]:
     return folder, manifest
 
 
-def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0):
-    """Checkpoint after `epoch` whole epochs and `step_in_epoch` steps of the next one."""
+def exchange_file(stage: int, replica: int) -> str:
+    return f"exchange_{stage}_{replica}.pt"
+
+
+def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0,
+                 exchange: dict | None = None):
+    """Checkpoint after `epoch` whole epochs and `step_in_epoch` steps of the next one;
+    `exchange`: the neighbour exchange's state, settled at a stop inside the epoch."""
     lay, files = trainer.layout, {}
+    if exchange is not None:
+        files[exchange_file(lay.stage, lay.replica)] = exchange
     if lay.replica == 0:
         files[f"stage_{lay.stage}.pt"] = {
             "stage": trainer.stage.state_dict(),
@@ -57,7 +67,8 @@ def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, s
     manifest = {"method": "layer_parallel", "model": trainer.cfg.model.arch, "dataset": trainer.cfg.data.dataset,
                 "K": lay.K, "D": lay.D, "cuts": trainer.cuts, "boundary_shapes": [list(s) for s in trainer.shapes],
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "phase": phase, "config": trainer.cfg.to_dict(),
-                "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else [])}
+                "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else []) +
+                         ([exchange_file(k, r) for k in range(lay.K) for r in range(lay.D)] if exchange else [])}
 
     def before_commit():
         if os.environ.get(KILL_IN_SAVE) == f"{trainer.comm.rank}:{tag}":
@@ -84,6 +95,16 @@ def restore_trainer(trainer, folder: Path):
             trainer.aux_opt.load_state_dict(aux["aux_opt"])
     except (KeyError, RuntimeError, ValueError, TypeError) as err:
         raise _misfit(folder, err) from None
+
+
+def restore_exchange(trainer, folder: Path, manifest: dict) -> dict | None:
+    """This rank's neighbour-exchange state from a stop inside an epoch; None where there is
+    none, or where D changed (the resumed epoch's batches are split differently, so the
+    exchange starts afresh there)."""
+    name = exchange_file(trainer.layout.stage, trainer.layout.replica)
+    if name not in manifest["files"] or manifest.get("D") != trainer.layout.D:
+        return None
+    return load_file(folder / name, trainer.device)
 
 
 def restore_finetune_optimizer(trainer, folder: Path, optimizer):

@@ -21,6 +21,18 @@ Every receive is posted a step before it is needed, so in steady state no rank w
 another. The exchange starts afresh every epoch (the first step has no real input, the
 first two no delayed gradient) and every message of an epoch is received within it, so
 the point-to-point traffic of evaluation never meets a training message.
+
+A stop inside an epoch (`settle`) leaves two steps' work in flight: stage k+1 holds stage
+k's output of the last step, and stage k owes the kept graphs of its last two batches
+their returned gradients. Neither a message nor a graph can be saved, so `settle` finishes
+what can be finished without changing the run: stage k+1 computes the gradient of that
+real input now (at the weights the next step would use; BatchNorm's running statistics
+left as they were) and returns it, and stage k back-propagates both returned gradients
+through their kept graphs into the weight copies. What is left is saved (`state`): the
+real input and its labels, and per pending batch the parameter gradients (`keep`,
+`fused`) or the input and the returned gradient (`replay`). A resume (`start_epoch` with
+that state) applies them at the steps the uninterrupted run would have, so it ends with
+the same weights.
 """
 from __future__ import annotations
 
@@ -32,6 +44,18 @@ import torch
 from hpcaux.comm import Comm
 from hpcaux.comm.base import Pending
 from hpcaux.train.run.layout import Layout
+
+
+def add_gradients(modules, gradients):
+    """Add `gradients` (per module: parameter name -> gradient, or None) to the modules'
+    parameters' .grad."""
+    for module, named in zip(modules, gradients):
+        if module is None or named is None:
+            continue
+        for name, p in module.named_parameters():
+            g = named.get(name)
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
 
 
 class WeightStash:
@@ -54,17 +78,28 @@ class WeightStash:
         """Module `which` (in the order given) applied to args with the stashed weights."""
         return torch.func.functional_call(self.modules[which], self.copies[which], args)
 
+    def gradients(self) -> list:
+        """What the copies received so far: per module, parameter name -> gradient."""
+        return [{name: c.grad for name, c in copies.items() if c.grad is not None} if copies is not None else None
+                for copies in self.copies]
+
     def move_gradients(self):
         """Add the gradients the copies received to the real parameters' .grad."""
-        for module, copies in zip(self.modules, self.copies):
-            if module is None:
-                continue
-            for name, p in module.named_parameters():
-                g = copies[name].grad
-                if g is None:
-                    continue
-                p.grad = g if p.grad is None else p.grad + g
-                copies[name].grad = None
+        add_gradients(self.modules, self.gradients())
+        for copies in self.copies:
+            for c in (copies or {}).values():
+                c.grad = None
+
+
+class SettledGradients:
+    """A kept graph's parameter gradients, taken at a stop and restored from the
+    checkpoint: applied like a WeightStash's at the step that was due to back-propagate it."""
+
+    def __init__(self, modules, gradients: list):
+        self.modules, self.saved = modules, gradients
+
+    def move_gradients(self):
+        add_gradients(self.modules, self.saved)
 
 
 @dataclass
@@ -72,6 +107,7 @@ class RealInput:
     """Stage k-1's output on the previous batch, and that batch's labels."""
     tensor: torch.Tensor       # requires grad: its .grad goes back to stage k-1
     labels: torch.Tensor
+    returned: bool = False     # its gradient went back already (at a stop, before the save)
 
 
 @dataclass
@@ -82,7 +118,7 @@ class DelayedGradient:
     output: torch.Tensor | None = None
     stage_input: torch.Tensor | None = None
     own_loss: torch.Tensor | None = None   # `fused`: the stage's own term of that batch
-    stash: WeightStash | None = None       # `keep`, `fused`: the weights the kept graph used
+    stash: WeightStash | SettledGradients | None = None  # `keep`, `fused`: the kept graph's weights
 
 
 KEEPS_GRAPH = ("keep", "fused")
@@ -90,8 +126,11 @@ KEEPS_GRAPH = ("keep", "fused")
 
 class NeighbourExchange:
     def __init__(self, comm: Comm, layout: Layout, shapes: list[tuple], batch_size: int, steps_per_epoch: int,
-                 device: torch.device, delayed_grad: str):
+                 device: torch.device, delayed_grad: str, modules: tuple = ()):
+        """`modules`: the stage and its local head (or None), whose parameters the delayed
+        gradients reach."""
         self.comm, self.steps, self.device, self.delayed_grad = comm, steps_per_epoch, device, delayed_grad
+        self.modules = modules
         s = layout.stage
         self.prev = layout.rank_of(s - 1) if s > 0 else None
         self.next = layout.rank_of(s + 1) if s < layout.K - 1 else None
@@ -99,13 +138,17 @@ class NeighbourExchange:
         self.out_shape = (batch_size, *shapes[s]) if s < layout.K - 1 else None
         self.start_epoch(0)
 
-    def start_epoch(self, first_step: int):
-        """Fresh state for an epoch (or a resumed epoch) whose first step is `first_step`."""
+    def start_epoch(self, first_step: int, state: dict | None = None):
+        """Fresh state for an epoch (or a resumed epoch) whose first step is `first_step`;
+        `state`: what `settle` left at a stop after step `first_step - 1`, to continue it."""
         self.step = first_step
         self.sends: list[Pending] = []
         self.real: Pending | None = None       # real input of the previous step, in flight
         self.labels: torch.Tensor | None = None
-        self.grads: deque = deque()            # (Pending grad, kept output or input), oldest first
+        self.real_returned = False
+        self.grads: deque = deque()            # (step, Pending grad, DelayedGradient), oldest first
+        if state:
+            self._restore(state)
 
     # --- the receiving side (stage k > 0) ---------------------------------------------
     def real_input(self, labels: torch.Tensor) -> RealInput | None:
@@ -115,8 +158,8 @@ class NeighbourExchange:
             return None
         real = None
         if self.real is not None:
-            real = RealInput(self.real.wait().requires_grad_(), self.labels)
-        self.real, self.labels = None, labels
+            real = RealInput(self.real.wait().requires_grad_(), self.labels, self.real_returned)
+        self.real, self.labels, self.real_returned = None, labels, False
         if self.step <= self.steps - 2:
             self.real = self.comm.irecv(torch.empty(self.in_shape, device=self.device), self.prev,
                                         what="irecv real activation")
@@ -124,7 +167,7 @@ class NeighbourExchange:
 
     def return_gradient(self, real: RealInput | None):
         """Send the gradient of this rank's loss with respect to the real input back."""
-        if real is None or self.delayed_grad == "none" or self.step - 1 > self.steps - 3:
+        if real is None or real.returned or not self._returns_gradient_of(self.step - 1):
             return
         grad = real.tensor.grad if real.tensor.grad is not None else torch.zeros_like(real.tensor)
         self.sends.append(self.comm.isend(grad, self.prev, what="isend boundary gradient"))
@@ -159,7 +202,7 @@ class NeighbourExchange:
         if not self.grads or self.grads[0][0] > self.step - 2:
             return None
         _, pending, kept = self.grads.popleft()
-        kept.grad = pending.wait()
+        kept.grad = pending.wait() if pending is not None else None  # None: settled at a stop
         return kept
 
     def end_step(self):
@@ -169,18 +212,58 @@ class NeighbourExchange:
             pending.wait()
         self.step += 1
 
-    def drain(self):
-        """Complete everything in flight (end of an epoch, or before a stop's save).
+    def _returns_gradient_of(self, step: int) -> bool:
+        """Whether the real input that stage k+1 got from step `step`'s output earns a
+        returned gradient (the last two steps' would come after the epoch's end)."""
+        return self.delayed_grad != "none" and step <= self.steps - 3
 
-        After a stop inside an epoch, stage k still waits for the gradient of its last
-        output, which stage k+1 would have computed next step: stage k+1 sends zeros in
-        its place, so every posted receive is matched and nobody hangs."""
-        if self.real is not None:
-            owed = self.real.wait()
-            if self.delayed_grad != "none" and self.step - 1 <= self.steps - 3:
-                self.sends.append(self.comm.isend(torch.zeros_like(owed), self.prev, what="isend boundary gradient"))
-        for _, pending, _ in self.grads:
-            pending.wait()
+    def drain(self):
+        """The end of an epoch: complete the last sends (nothing else is in flight then)."""
         for pending in self.sends:
             pending.wait()
         self.start_epoch(self.step)
+
+    def settle(self, input_gradient) -> dict:
+        """A stop after this epoch's step `self.step - 1`: finish the work in flight that
+        can be finished without changing the run and return what a resume needs (module
+        docstring). `input_gradient(real, labels)`: this stage's gradient of its real-input
+        term with respect to `real`, as the next step would compute it. Stage k+1 sends
+        before stage k waits, so a middle stage (both roles) cannot deadlock."""
+        state: dict = {"real": None, "delayed": []}
+        if self.real is not None:
+            real = self.real.wait()
+            returned = self._returns_gradient_of(self.step - 1)
+            if returned:
+                self.sends.append(self.comm.isend(input_gradient(real, self.labels), self.prev,
+                                                  what="isend boundary gradient (stop)"))
+            state["real"] = {"tensor": real, "labels": self.labels, "returned": returned}
+        for step, pending, kept in self.grads:
+            grad = pending.wait()
+            if kept.stage_input is not None:  # replay: it runs at the weights of its due step
+                state["delayed"].append({"step": step, "grad": grad, "stage_input": kept.stage_input})
+                continue
+            tensors, grads = [kept.output], [grad]
+            if kept.own_loss is not None:
+                tensors.append(kept.own_loss)
+                grads.append(None)
+            torch.autograd.backward(tensors, grads)
+            state["delayed"].append({"step": step, "parameter_grads": kept.stash.gradients()})
+        for pending in self.sends:
+            pending.wait()
+        self.start_epoch(self.step)
+        return state
+
+    def _restore(self, state: dict):
+        def ready(tensor):  # a message that arrived before the save
+            return Pending(self.comm, None, "restored", [], tensor.to(self.device))
+        if state["real"] is not None:
+            self.real, self.labels = ready(state["real"]["tensor"]), state["real"]["labels"].to(self.device)
+            self.real_returned = state["real"]["returned"]
+        for item in state["delayed"]:
+            if "stage_input" in item:
+                kept = DelayedGradient(None, stage_input=item["stage_input"].to(self.device))
+                self.grads.append((item["step"], ready(item["grad"]), kept))
+            else:
+                grads = [{n: g.to(self.device) for n, g in named.items()} if named is not None else None
+                         for named in item["parameter_grads"]]
+                self.grads.append((item["step"], None, DelayedGradient(None, stash=SettledGradients(self.modules, grads))))

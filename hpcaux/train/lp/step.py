@@ -166,13 +166,28 @@ class LayerParallelStep:
         this stage's output two steps ago (through the kept graph, or the batch replayed)
         and, in `fused` mode, this stage's own term of that batch."""
         delayed = self.exchange.delayed_gradient() if self.exchange else None
-        if delayed is not None:
-            tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
-            grads.append(delayed.grad)
-            if delayed.own_loss is not None:
-                tensors.append(delayed.own_loss)
-                grads.append(None)
+        if delayed is None or delayed.grad is None:  # None: its gradients were settled at a stop
+            return delayed
+        tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
+        grads.append(delayed.grad)
+        if delayed.own_loss is not None:
+            tensors.append(delayed.own_loss)
+            grads.append(None)
         return delayed
+
+    def real_input_gradient(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The gradient of this stage's real-input term with respect to `real`, at the
+        current weights, as the next step would take it; BatchNorm's running statistics
+        are put back, so that step still finds them as they were (the exchange's `settle`)."""
+        buffers = [(b, b.clone()) for m in (self.stage, self.local_head) if m is not None for b in m.buffers()]
+        real = real.detach().requires_grad_()
+        term = real_input_term(self.stage(real), labels, is_last=self.layout.is_last, local_head=self.local_head,
+                               local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
+        grad, = torch.autograd.grad(term.loss, real)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        return grad
 
     def _synchronise(self, inp, target, idx, rho: float):
         D = self.layout.D
