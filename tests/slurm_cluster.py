@@ -133,10 +133,10 @@ class LocalSlurm:
         return int(out.strip().split(";")[0])
 
     def submit_training(self, runs: Path, *overrides, script="slurm/train.sbatch", options=()) -> int:
-        """sbatch `script` with configs/cifar10_resnet20_k2.yaml; the run lands in runs/JOBID."""
+        """sbatch `script` with configs/cifar10_resnet20_auxnet.yaml; the run lands in runs/JOBID."""
         runs.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
         self.env["HPCAUX_RUNS"] = str(runs)
-        return self.submit(f"--output={runs}/job-%j.out", *options, script, "configs/cifar10_resnet20_k2.yaml",
+        return self.submit(f"--output={runs}/job-%j.out", *options, script, "configs/cifar10_resnet20_auxnet.yaml",
                            *overrides, cwd=Path(__file__).resolve().parents[1])
 
     def wait_for_first_checkpoint(self, job: int, run: Path, timeout=240):

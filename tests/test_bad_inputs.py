@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ARCHIVE, HPCAUX, ROOT, check, digest, mpirun, run
 
-LP = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+LP = str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml")
 SERIAL = str(ROOT / "configs" / "cifar10_resnet20_serial.yaml")
 TINY = ["data.train_subset=96", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
         "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50",

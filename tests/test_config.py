@@ -8,7 +8,7 @@ from conftest import HPCAUX, ROOT
 from hpcaux.config import all_keys, config_from_dict, load_config
 from hpcaux.errors import UserError
 
-K2 = ROOT / "configs" / "cifar10_resnet20_k2.yaml"
+K2 = ROOT / "configs" / "cifar10_resnet20_auxnet.yaml"
 
 pytestmark = pytest.mark.quick
 

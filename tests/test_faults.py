@@ -15,15 +15,15 @@ import pytest
 from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, finish, mpirun, mpirun_command,
                       wait_for_epochs)
 
-CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+CONFIG = str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml")
 SMALL = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
          "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50"]
 
 
-def start(np_, out, *overrides, guarded=False) -> subprocess.Popen:
+def start(np_, out, *overrides, guarded=False, config=CONFIG) -> subprocess.Popen:
     """mpirun of a small training job (under `hpcaux launch` when `guarded`)."""
     cmd = ([HPCAUX, "launch"] if guarded else []) + mpirun_command(np_)
-    cmd += [HPCAUX, "train", "--config", CONFIG, "--out", str(out), *SMALL, *overrides]
+    cmd += [HPCAUX, "train", "--config", config, "--out", str(out), *SMALL, *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, **MPI_ENV})
 
@@ -69,22 +69,25 @@ def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_
     assert epochs == [1, 2, 3]
 
 
-EXCHANGES = {"keep": ["lp.real_inputs=beside", "lp.delayed_grad=keep"],
-             "replay": ["lp.real_inputs=beside", "lp.delayed_grad=replay"],
-             "fused, AL": ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
-                           "lp.loss=al", "lp.multipliers=per_sample"],
-             "without an AuxNet": ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.aux_source=none",
-                                   "lp.local_cls_weight=0"]}
+K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
+EXCHANGES = {"keep": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
+             "replay": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=replay"]),
+             "fused, AL": (CONFIG, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
+                                       "lp.loss=al", "lp.multipliers=per_sample"]),
+             "the K = 2 config": (K2, 1, []),
+             "the K = 2 config, 2 replicas": (K2, 2, ["parallel.D=2", "train.batch_size=16"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))
 def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly(exchange, tmp_path, cifar_root):
     """Messages of the exchange and kept graphs are in flight at every step: a stop
-    settles them (no hang) and saves them with every step made, and the resumed run
-    continues the exchange, so it ends with the weights of an uninterrupted run."""
-    common = [f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=3", *EXCHANGES[exchange]]
+    settles them (no hang) and saves them with every step made (per replica: each trains
+    on its own batches), and the resumed run continues the exchange, so it ends with the
+    weights of an uninterrupted run."""
+    config, D, overrides = EXCHANGES[exchange]
+    common = [f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=3", *overrides]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = start(2, stopped, *common)
+    proc = start(2 * D, stopped, *common, config=config)
     wait_for_epochs(stopped, 1, proc)
     time.sleep(0.5)  # a few steps into the epoch: the exchange is in its steady state
     proc.send_signal(signal.SIGUSR1)
@@ -95,11 +98,11 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly
     manifest = json.loads((latest / "manifest.json").read_text())
     assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] > 16
     if manifest["step_in_epoch"]:
-        assert {"exchange_0_0.pt", "exchange_1_0.pt"} <= set(manifest["files"])
+        assert {f"exchange_{k}_{r}.pt" for k in range(2) for r in range(D)} <= set(manifest["files"])
         assert all((latest / f).is_file() for f in manifest["files"])
-    check(mpirun(2, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
-    check(mpirun(2, [HPCAUX, "train", "--config", CONFIG, "--out", str(straight), *SMALL, *common], timeout=300))
-    files = ("stage_0.pt", "stage_1.pt") + (("auxnet.pt",) if exchange != "without an AuxNet" else ())
+    check(mpirun(2 * D, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
+    check(mpirun(2 * D, [HPCAUX, "train", "--config", config, "--out", str(straight), *SMALL, *common], timeout=300))
+    files = ("stage_0.pt", "stage_1.pt") + (("auxnet.pt",) if config == CONFIG else ())
     assert_same_final_weights(straight, stopped, files=files)
 
 
@@ -137,6 +140,23 @@ def test_stop_signal_during_start_up_is_held_until_the_first_step(tmp_path, cifa
     report = json.loads(stdout.strip().splitlines()[-1])
     assert report["stopped_by_signal"] == "SIGUSR1" and report["stopped_after_step"] == 1
     assert (stopped / "ckpt" / "latest").resolve().name == "stop_step_1"
+
+
+def test_a_loss_that_becomes_nan_ends_every_rank_with_one_line_and_keeps_the_last_checkpoint(tmp_path, cifar_root):
+    """A diverging run (here: resumed with an absurd learning rate): the non-finite loss
+    rides in the step's vote, so every rank stops after the same step, nobody waits on a
+    dead peer, nothing is saved over the last good checkpoint, and the user gets one line."""
+    out = tmp_path / "run"
+    common = [f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=3"]
+    check(mpirun(2, [HPCAUX, "train", "--config", CONFIG, "--out", str(out), *SMALL, *common, "--max-epochs", "1"],
+                 timeout=300))
+    diverged = mpirun(2, [HPCAUX, "train", "--resume", str(out), "optim.lr=1e30"], timeout=300)
+    assert diverged.returncode == 2, diverged.stderr[-3000:]  # a user error: lower the learning rate
+    assert "hpcaux: error: the loss became NaN or Inf in epoch 2, step " in diverged.stderr, diverged.stderr[-3000:]
+    assert "stopped without saving (the last checkpoint is kept): lower optim.lr or lp.rho_max" in diverged.stderr
+    assert "Traceback" not in diverged.stderr
+    assert (out / "ckpt" / "latest").resolve().name == "epoch_1"
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == ["epoch_1", "latest"]
 
 
 @pytest.mark.parametrize("np_", [2, 3])

@@ -16,7 +16,7 @@ import torch
 from conftest import HPCAUX, MPI_ENV, ROOT, check, mpirun
 
 DEVICE = os.environ.get("HPCAUX_CHECK_DEVICE", "cuda")
-CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+CONFIG = str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml")
 TINY = ["data.train_subset=256", "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
         "train.progress=false", "store.probe_size=8", "comm.backend=torch", "train.eval_batch_size=100",
         "store.mode=per_rank", "parallel.cuts=[4]"]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import HPCAUX, ROOT, assert_same_final_weights, check, installed_backends, mpirun
+from conftest import HPCAUX, ROOT, assert_same_final_weights, check, installed_backends, mpirun, run
 
 SCRIPTS = ROOT / "tests" / "mpi"
 
@@ -84,9 +84,9 @@ def test_stage_term_values_on_hand_example():
     assert torch.equal(term.residual, torch.tensor([[1.0, 2.0]]))
 
 
-def _lp_run(tmp_path, cifar_root, np, *overrides, timeout=400):
+def _lp_run(tmp_path, cifar_root, np, *overrides, timeout=400, config="cifar10_resnet20_auxnet.yaml"):
     out = tmp_path / "run"
-    proc = check(mpirun(np, [HPCAUX, "train", "--config", str(ROOT / "configs" / "cifar10_resnet20_k2.yaml"),
+    proc = check(mpirun(np, [HPCAUX, "train", "--config", str(ROOT / "configs" / config),
                              "--out", str(out), f"data.root={cifar_root}", "train.progress=false",
                              f"comm.backend={installed_backends()[0]}", *overrides], timeout=timeout))
     return proc, json.loads((out / "summary.json").read_text()), \
@@ -107,14 +107,17 @@ def test_stored_mode_runs_end_to_end(tmp_path, cifar_root):
     assert summary["allreduce_values_per_step"] == 32 * 16 * 32 * 32
 
 
-def test_without_an_auxnet_the_pipeline_trains_resumes_at_an_epoch_and_eval_agrees(tmp_path, cifar_root):
-    """lp.aux_source=none: no AuxNet anywhere (no metrics, no checkpoint file, no allreduce
-    of its gradients); the exchange drains at every epoch's end, so a run stopped there
-    and resumed ends with the weights of an uninterrupted one."""
-    auxless = ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.aux_source=none", "lp.local_cls_weight=0",
-               "parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
+def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agrees(tmp_path, cifar_root):
+    """The shipped K = 2 config is the pipeline without an AuxNet (lp.aux_source=none): no
+    AuxNet anywhere (no metrics, no checkpoint file, no allreduce of its gradients); the
+    exchange drains at every epoch's end, so a run stopped there and resumed ends with the
+    weights of an uninterrupted one; `hpcaux analyze` reads its store."""
+    auxless = ["parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
                "data.eval_subset=200", "data.test_subset=500"]
-    proc, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, *auxless)
+    proc, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, *auxless, config="cifar10_resnet20_k2.yaml")
+    table = check(run([HPCAUX, "analyze", str(out / "aux.h5"), "--out", str(tmp_path / "plots")],
+                      timeout=120)).stdout.splitlines()
+    assert table[0].split()[:3] == ["epoch", "rho", "composed"] and [r.split()[0] for r in table[1:3]] == ["1", "2"]
     assert summary["aux_source"] == "none" and summary["auxnet_path_acc"] is None
     assert summary["allreduce_values_per_step"] == 0 and summary["aux_ms_per_rank"][0] < 5
     assert all(m["train_rel_gap"] is None and m["stage_loss"][1] > 0 for m in metrics), metrics
@@ -155,7 +158,7 @@ def test_short_real_run_learns_and_composed_follows_auxnet_path(tmp_path, cifar_
 
 
 def test_world_size_not_k_times_d_is_a_clear_error(tmp_path, cifar_root):
-    proc = mpirun(3, [HPCAUX, "train", "--config", str(ROOT / "configs" / "cifar10_resnet20_k2.yaml"),
+    proc = mpirun(3, [HPCAUX, "train", "--config", str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml"),
                       "--out", str(tmp_path / "run"), f"data.root={cifar_root}",
                       f"comm.backend={installed_backends()[0]}"], timeout=120)
     assert proc.returncode != 0
@@ -169,7 +172,7 @@ def test_training_under_horovodrun_gloo(tmp_path, cifar_root):
 
     out = tmp_path / "run"
     proc = check(run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", HPCAUX, "train", "--config",
-                      str(ROOT / "configs" / "cifar10_resnet20_k2.yaml"), "--out", str(out), f"data.root={cifar_root}",
+                      str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml"), "--out", str(out), f"data.root={cifar_root}",
                       "comm.backend=horovod", "data.train_subset=128", "train.batch_size=32", "train.epochs=1",
                       "data.eval_subset=100", "data.test_subset=200", "train.progress=false"], timeout=300))
     summary = json.loads((out / "summary.json").read_text())

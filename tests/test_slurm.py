@@ -17,7 +17,7 @@ from slurm_cluster import LocalSlurm, missing
 TINY = ["data.train_subset=512", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
         "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50",
         "parallel.cuts=[4]"]
-CONFIG = "configs/cifar10_resnet20_k2.yaml"
+CONFIG = "configs/cifar10_resnet20_auxnet.yaml"
 
 
 @pytest.fixture(scope="module")

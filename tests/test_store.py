@@ -9,7 +9,7 @@ import pytest
 from conftest import HPCAUX, ROOT, assert_same_final_weights, check, digest, mpirun, run
 
 SCRIPTS = ROOT / "tests" / "mpi"
-CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+CONFIG = str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml")
 TINY = ["data.train_subset=96", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
         "train.progress=false", "store.probe_size=8", "comm.backend=mpi4py", "train.eval_batch_size=50"]
 TIMING = ("step_ms", "aux_ms", "comm_ms", "epoch_s")

@@ -22,7 +22,7 @@ from slurm_cluster import LocalSlurm
 from slurm_cluster import missing as slurm_missing
 from two_nodes import NODES, TwoNodes, missing
 
-CONFIG = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")
+CONFIG = str(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml")
 SMALL = ["data.train_subset=256", "train.batch_size=32", "data.eval_subset=100", "data.test_subset=100",
          "train.progress=false", "store.probe_size=8", "train.eval_batch_size=50", "parallel.cuts=[4]",
          "parallel.D=2", "store.mode=mpio"]

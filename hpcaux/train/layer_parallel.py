@@ -52,7 +52,8 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
     lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
     if cfg.lp.aux_source == "none" and K != 2:
         raise UserError(f"config key 'lp.aux_source' none needs parallel.K=2, got {K} "
-                        "(a middle stage needs the AuxNet for its input)")
+                        "(a middle stage needs the AuxNet for its input: lp.aux_source=auxnet, as in "
+                        "configs/cifar10_resnet20_auxnet.yaml)")
     if cfg.lp.aux_source == "stored" and lay.D > 1:
         raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
     if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
