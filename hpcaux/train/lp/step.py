@@ -113,9 +113,7 @@ class LayerParallelStep:
                                     local_head=head, local_weight=lp.local_cls_weight,
                                     pull_stage=lp.consistency == "mutual", criterion=self.criterion))
         if real is not None:
-            terms.append(real_input_term(self.stage(real.tensor), real.labels, is_last=self.layout.is_last,
-                                         local_head=self.local_head, local_weight=lp.local_cls_weight,
-                                         criterion=self.criterion))
+            terms.append(self._real_term(real.tensor, real.labels))
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         self.stop_vote.loss_finite = bool(torch.isfinite(total))
         self.stage_opt.zero_grad(set_to_none=True)
@@ -175,15 +173,19 @@ class LayerParallelStep:
             grads.append(None)
         return delayed
 
+    def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> StageTerm:
+        """This stage's term on a real input (one function for the step and for a stop's
+        `real_input_gradient`, which must take the same gradient)."""
+        return real_input_term(self.stage(real), labels, is_last=self.layout.is_last, local_head=self.local_head,
+                               local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
+
     def real_input_gradient(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The gradient of this stage's real-input term with respect to `real`, at the
         current weights, as the next step would take it; BatchNorm's running statistics
         are put back, so that step still finds them as they were (the exchange's `settle`)."""
         buffers = [(b, b.clone()) for m in (self.stage, self.local_head) if m is not None for b in m.buffers()]
         real = real.detach().requires_grad_()
-        term = real_input_term(self.stage(real), labels, is_last=self.layout.is_last, local_head=self.local_head,
-                               local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
-        grad, = torch.autograd.grad(term.loss, real)
+        grad, = torch.autograd.grad(self._real_term(real, labels).loss, real)
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
