@@ -120,6 +120,17 @@ class DelayedGradient:
     own_loss: torch.Tensor | None = None   # `fused`: the stage's own term of that batch
     stash: WeightStash | SettledGradients | None = None  # `keep`, `fused`: the kept graph's weights
 
+    def roots(self, stage) -> tuple[list, list]:
+        """What its backward starts from, with their gradients: the kept output (or, in
+        `replay`, the input run again through `stage`) with `grad`, and in `fused` mode the
+        stage's own term of that batch."""
+        tensors = [self.output if self.output is not None else stage(self.stage_input)]
+        grads = [self.grad]
+        if self.own_loss is not None:
+            tensors.append(self.own_loss)
+            grads.append(None)
+        return tensors, grads
+
 
 KEEPS_GRAPH = ("keep", "fused")
 
@@ -238,15 +249,11 @@ class NeighbourExchange:
                                                   what="isend boundary gradient (stop)"))
             state["real"] = {"tensor": real, "labels": self.labels, "returned": returned}
         for step, pending, kept in self.grads:
-            grad = pending.wait()
+            kept.grad = pending.wait()
             if kept.stage_input is not None:  # replay: it runs at the weights of its due step
-                state["delayed"].append({"step": step, "grad": grad, "stage_input": kept.stage_input})
+                state["delayed"].append({"step": step, "grad": kept.grad, "stage_input": kept.stage_input})
                 continue
-            tensors, grads = [kept.output], [grad]
-            if kept.own_loss is not None:
-                tensors.append(kept.own_loss)
-                grads.append(None)
-            torch.autograd.backward(tensors, grads)
+            torch.autograd.backward(*kept.roots(self.modules[0]))
             state["delayed"].append({"step": step, "parameter_grads": kept.stash.gradients()})
         for pending in self.sends:
             pending.wait()

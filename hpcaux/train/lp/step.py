@@ -166,11 +166,9 @@ class LayerParallelStep:
         delayed = self.exchange.delayed_gradient() if self.exchange else None
         if delayed is None or delayed.grad is None:  # None: its gradients were settled at a stop
             return delayed
-        tensors.append(delayed.output if delayed.output is not None else self.stage(delayed.stage_input))
-        grads.append(delayed.grad)
-        if delayed.own_loss is not None:
-            tensors.append(delayed.own_loss)
-            grads.append(None)
+        more_tensors, more_grads = delayed.roots(self.stage)
+        tensors += more_tensors
+        grads += more_grads
         return delayed
 
     def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> StageTerm:
