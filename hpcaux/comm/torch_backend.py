@@ -8,6 +8,7 @@ port and hands them to the others over MPI (mpi4py), the one thing MPI is used f
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 
@@ -99,6 +100,16 @@ class TorchComm(Comm):
         os._exit(code)
 
     def finalize(self):
+        """Destroy the process groups and join gloo's worker threads now.
+
+        A gloo worker lives until the last reference to its process group goes, and it
+        releases a collective's tensors after the caller's wait() has returned. Left to
+        the interpreter's shutdown, that release takes the GIL from a finalizing
+        interpreter and the rank aborts (signal 6) after its work is done. Dropping the
+        group handles here lets the groups' destructors join the workers first."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        for group in self._groups.values():
+            group.handle = None
+        gc.collect()
 

@@ -3,8 +3,12 @@ import sys
 
 import torch
 
-from common import make_comm
+from common import make_comm, native_threads
 
+if sys.argv[1] == "torch":
+    from mpi4py import MPI  # noqa: F401  (the torch backend's rendezvous starts MPI and its threads)
+torch.set_num_threads(1)
+threads_before = native_threads()
 comm = make_comm(sys.argv[1])
 r, n = comm.rank, comm.size
 
@@ -55,4 +59,7 @@ for pending in sends:
     pending.wait()
 comm.barrier()
 comm.finalize()
+if comm.name == "torch":
+    # gloo's workers must be joined by finalize, not left to the interpreter's shutdown
+    assert native_threads() <= threads_before, f"rank {r}: {native_threads()} native threads after finalize, {threads_before} before"
 print(f"rank {r}: comm checks passed ({comm.name}, {n} ranks)")

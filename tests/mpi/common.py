@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ def tiny_config(data_root: str, backend: str, K: int, D: int = 1, *overrides):
 def make_comm(backend: str):
     torch.set_num_threads(1)
     return create_comm(backend, 60.0, torch.device("cpu"))
+
+
+def native_threads() -> int:
+    """The threads of this process that Python did not start (gloo's workers, MPI's)."""
+    return len(list(Path("/proc/self/task").iterdir())) - threading.active_count()
 
 
 def world_size() -> int:
