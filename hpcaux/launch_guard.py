@@ -11,6 +11,11 @@ terminal reaches the guard, not mpirun) and turns every TERM, INT, HUP or USR1 i
 into SIGUSR1 for the launcher. A repeated signal is forwarded again, which the ranks
 ignore, and one that comes once the launcher has ended is ignored by the guard itself;
 `kill -9` of the launcher (its pid is printed) ends the job at once.
+
+The launcher starts with SIGUSR1 ignored. mpirun installs its forwarding handler over
+that, and on its way out puts back what it found: ignored, not the default action, under
+which a repeat that landed in mpirun's last milliseconds killed it (exit 138) after every
+rank had saved.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def run_guarded(command: list[str]) -> int:
     for signum in GUARDED:
         signal.signal(signum, forward)
     try:
-        launcher.append(subprocess.Popen(command, start_new_session=True))
+        launcher.append(subprocess.Popen(command, start_new_session=True, preexec_fn=_ignore_usr1))
         if received:  # a signal that came while the launcher was being started
             _ask_to_stop(launcher[0], command[0], received)
         status = launcher[0].wait()
@@ -51,6 +56,11 @@ def run_guarded(command: list[str]) -> int:
         for signum in GUARDED:
             signal.signal(signum, signal.SIG_IGN)
     return status if status >= 0 else 128 - status
+
+
+def _ignore_usr1():
+    """In the launcher's process before exec: an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _ask_to_stop(proc: subprocess.Popen, name: str, received: list[str]):

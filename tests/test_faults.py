@@ -47,7 +47,7 @@ def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_
     elif how.endswith("repeated until the job ends"):  # mpirun alone would kill the ranks (exit 1)
         while proc.poll() is None:  # the repeats land in every phase: the step, the save, the exit
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.02)
+            time.sleep(0.005)
     else:
         for pid in ranks_of(proc):  # what SLURM does at a time limit
             os.kill(pid, signal.SIGTERM)
@@ -67,6 +67,30 @@ def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_
     assert_same_final_weights(straight, stopped)
     epochs = [json.loads(line)["epoch"] for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_signals_repeated_to_hpcaux_launch_until_mpirun_exits_leave_a_clean_exit(tmp_path):
+    """mpirun puts back, on its way out, the action SIGUSR1 had when it started; under the
+    default action a repeat forwarded in its last milliseconds killed it (exit 138) after
+    every rank had finished. TERM every 2 ms to `hpcaux launch`, from the ranks' start to
+    mpirun's exit, over ranks that ignore SIGUSR1 (as hpcaux train's do once they have
+    saved) and end by themselves."""
+    ranks = tmp_path / "ranks.py"
+    ranks.write_text("import signal, time\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+                     "print('ready', flush=True)\ntime.sleep(0.5)\n")
+    log = tmp_path / "stderr"  # a file, not a pipe: mpirun writes a line per forwarded signal
+    for _ in range(3):
+        with log.open("w") as err:
+            proc = subprocess.Popen([HPCAUX, "launch", *mpirun_command(2), "python", str(ranks)], stdout=subprocess.PIPE,
+                                    stderr=err, text=True, cwd=ROOT, env={**os.environ, **MPI_ENV})
+            for _ in range(2):
+                assert proc.stdout.readline().strip() == "ready", log.read_text()[-2000:]
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.002)
+            code, _, _, _ = finish(proc, 10)
+        assert code == 0, log.read_text()[-2000:]
 
 
 K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
