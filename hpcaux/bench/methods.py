@@ -38,7 +38,8 @@ def variant(name: str, kind: str, overrides: list[str], finetune_epochs: int | N
     """A bench file's own method: a built-in one with more overrides (the accuracy ablation)."""
     base = METHODS[kind]
     what = ", ".join(overrides + ([f"{finetune_epochs} fine-tune epochs"] if finetune_epochs else []))
-    return Method(name, f"{base.label}; {what}", base.ranks_per_k, kind, tuple(overrides), finetune_epochs)
+    return Method(name, f"{base.label}; {what}" if what else base.label, base.ranks_per_k, kind, tuple(overrides),
+                  finetune_epochs)
 
 
 def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_epochs: int,
