@@ -99,6 +99,7 @@ class LayerParallelConfig:
     aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored", "none"), "help": "where a stage's input and target come from: the AuxNet, stored z, or nowhere (none: K = 2 with lp.real_inputs only, a two-stage delayed-gradient pipeline without an AuxNet; docs/algorithm.md)"})
     z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
+    boundary_norm: bool = field(default=True, metadata={"help": "a layer norm without parameters at the end of every non-last stage, so the AuxNet's target cannot shrink to zero (docs/design.md §1); false (aux_source none only) composes the stages into exactly the serial network"})
     local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
@@ -262,6 +263,9 @@ def _check_consistency(cfg: Config):
     if cfg.lp.aux_source == "none" and cfg.lp.multipliers != "none":
         raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty and lp.multipliers=none "
                         "(multipliers belong to an AuxNet target)")
+    if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
+        raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
+                        "targets the boundary norm keeps them from collapsing, docs/design.md §1)")
     if cfg.lp.real_inputs != "none" and cfg.lp.aux_source == "stored":
         raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
     if cfg.lp.rho_max < cfg.lp.rho0:

@@ -87,6 +87,8 @@ CATALOGUE = {
                              "override 'optim.lr' is not of the form key=value"),
     "keys that contradict": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al", "lp.multipliers=none"],
                              "'lp.loss' is al but 'lp.multipliers' is none"),
+    "boundary norm off with an AuxNet": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.boundary_norm=false"],
+                                         "config key 'lp.boundary_norm' is false, which needs lp.aux_source=none"),
     "config file missing": (1, ["train", "--config", "{ws}/none.yaml", "--out", "{ws}/new"],
                             "config file {ws}/none.yaml does not exist"),
     "config file not YAML": (1, ["train", "--config", "{ws}/bad.yaml", "--out", "{ws}/new"],

@@ -134,6 +134,36 @@ def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agree
                                                                                              abs=1e-9)
 
 
+def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tmp_path, cifar_root):
+    """lp.boundary_norm=false (aux_source none): the two stages' weights, loaded into the
+    serial ResNet-20 block by block, give the accuracy the run reported, and so does
+    `hpcaux eval`, which rebuilds the stages from the run's config."""
+    import torch
+
+    from hpcaux.config import config_from_dict
+    from hpcaux.data.sets import load_data
+    from hpcaux.models import build_model
+    from hpcaux.store.checkpoint import latest_checkpoint, load_file
+    from hpcaux.train.run.evaluate import evaluate_model
+
+    _, summary, _, out = _lp_run(tmp_path, cifar_root, 2, "parallel.cuts=[4]", "lp.boundary_norm=false",
+                                 "data.train_subset=256", "train.epochs=1", "train.batch_size=32",
+                                 "data.eval_subset=200", "data.test_subset=500", config="cifar10_resnet20_k2.yaml")
+    folder, manifest = latest_checkpoint(out)
+    cfg = config_from_dict(manifest["config"])
+    data = load_data(cfg.data, cfg.seed)
+    serial = build_model("resnet20", data.num_classes)
+    starts = [0, *manifest["cuts"]]
+    for k, start in enumerate(starts):
+        for key, value in load_file(folder / f"stage_{k}.pt")["stage"].items():
+            _, index, rest = key.split(".", 2)  # blocks.<i>.<parameter>
+            serial.state_dict()[f"{start + int(index)}.{rest}"].copy_(value)
+    acc = evaluate_model(serial, data, cfg.train.eval_batch_size, torch.device("cpu"), subset=500, seed=cfg.seed)
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-9) and acc > 0.1
+    evaluated = check(run([HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(acc, abs=1e-9)
+
+
 @pytest.mark.quick
 def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(tmp_path, cifar_root):
     _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "lp.loss=al", "lp.multipliers=per_sample",

@@ -83,7 +83,7 @@ class LayerParallelTrainer:
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         self.cuts = manifest["cuts"] if manifest else \
             agree_on_cuts(cfg.parallel, comm, model, cut_timing_sample(self.data, device))
-        stages = make_stages(model, self.cuts, boundary_norm=True)
+        stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
         self.local_head = build_local_head(cfg, self.shapes, s, self.data.num_classes).to(device) \

@@ -18,12 +18,12 @@ from hpcaux.store.checkpoint import latest_checkpoint, load_file
 from hpcaux.train.run.evaluate import evaluate_model
 
 
-def load_composed_model(folder: Path, manifest: dict, num_classes: int) -> torch.nn.Module:
+def load_composed_model(folder: Path, manifest: dict, num_classes: int, boundary_norm: bool = True) -> torch.nn.Module:
     model = build_model(manifest["model"], num_classes)
     if manifest["method"] == "serial":
         model.load_state_dict(load_file(folder / "model.pt"))
         return model
-    stages = make_stages(model, manifest["cuts"], boundary_norm=True)
+    stages = make_stages(model, manifest["cuts"], boundary_norm=boundary_norm)
     for k, stage in enumerate(stages):
         stage.load_state_dict(load_file(folder / f"stage_{k}.pt")["stage"])
     return torch.nn.Sequential(*stages)
@@ -39,7 +39,7 @@ def evaluate_run(run_dir: Path, subset: int = 0, data_root: str | None = None) -
     if data_root:
         cfg.data.root = data_root
     data = load_data(cfg.data, cfg.seed)
-    model = load_composed_model(folder, manifest, data.num_classes)
+    model = load_composed_model(folder, manifest, data.num_classes, cfg.lp.boundary_norm)
     acc = evaluate_model(model, data, cfg.train.eval_batch_size, torch.device("cpu"), subset=subset, seed=cfg.seed)
     return {"run": str(run_dir), "checkpoint": folder.name, "method": manifest["method"],
             "K": manifest["K"], "test_acc": acc}

@@ -25,7 +25,7 @@ from hpcaux.train.run.runtime import seed_everything
 class JointObjective:
     def __init__(self, cfg: Config, cuts: list[int], shapes: list[tuple], num_classes: int, image_shape: tuple):
         seed_everything(cfg.seed)
-        self.stages = make_stages(build_model(cfg.model.arch, num_classes), cuts, boundary_norm=True)
+        self.stages = make_stages(build_model(cfg.model.arch, num_classes), cuts, boundary_norm=cfg.lp.boundary_norm)
         K = len(self.stages)
         self.heads = [build_local_head(cfg, shapes, k, num_classes) if cfg.lp.local_cls_weight > 0 else None
                       for k in range(K - 1)] + [None]
