@@ -138,7 +138,7 @@ def _train_distributed(cfg, run_dir: Path, device, args, stop) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.baselines import DataParallelTrainer, PipelineTrainer
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device, cfg.method)
+    comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
     problem = None
     if comm.rank == 0:

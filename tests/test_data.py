@@ -96,6 +96,12 @@ def test_train_batches_identical_for_equal_seed_and_epoch(cifar_root):
     replicas = [torch.cat([idx for _, _, idx in data.train_batches(64, epoch=1, replica=r, replicas=2, **kw)])
                 for r in range(2)]
     assert not set(replicas[0].tolist()) & set(replicas[1].tolist())
+    # labels only (the last stage without an AuxNet): the same labels and samples, no images
+    for r in range(2):
+        with_images = list(data.train_batches(64, epoch=1, replica=r, replicas=2, **kw))
+        labels_only = list(data.train_batches(64, epoch=1, replica=r, replicas=2, images=False, **kw))
+        assert len(with_images) == len(labels_only) and all(x is None for x, _, _ in labels_only)
+        assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(with_images, labels_only))
 
 
 def test_imagenet_folder_reads_through_torchvision(tmp_path):
@@ -114,5 +120,7 @@ def test_imagenet_folder_reads_through_torchvision(tmp_path):
     assert data.num_classes == 2 and data.n_train == 6
     x, y, idx = next(data.train_batches(4, seed=0, epoch=0, augment=True, device="cpu"))
     assert x.shape == (4, 3, 224, 224) and len(idx) == 4
+    none, labels, same = next(data.train_batches(4, seed=0, epoch=0, augment=True, device="cpu", images=False))
+    assert none is None and torch.equal(labels, y) and torch.equal(torch.as_tensor(same), torch.as_tensor(idx))
     test = list(data.test_batches(4, device="cpu"))
     assert sum(len(y) for _, y in test) == 6

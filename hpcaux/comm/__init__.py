@@ -2,19 +2,17 @@
 
 `create_comm(backend, timeout_s, device)` returns a Comm. A backend that is not installed
 is a UserError naming the backend and how to get it, not an ImportError traceback.
-`auto` (the default) takes, on CPUs, mpi4py for layer-parallel runs that MPI launched (its
-point-to-point messages go through shared memory, gloo's through TCP on the loopback;
-Horovod's background loop batches requests on a cycle: docs/benchmarks.md measures all
-three) and torch.distributed otherwise (torchrun, and the data-parallel and pipeline
-baselines, which are built on it); on GPUs Horovod where it is installed (NCCL, tensor
-fusion), torch.distributed (NCCL) where it is not.
+`auto` (the default) takes torch.distributed on CPUs, where gloo's allreduce returns as soon
+as the data is there while Horovod's background loop batches requests on a cycle, and
+gloo's threads move a point-to-point message while the rank computes where mpi4py moves
+it inside the wait (docs/benchmarks.md measures all three); and Horovod on GPUs where it
+is installed (NCCL, tensor fusion), torch.distributed (NCCL) where it is not.
 """
 from __future__ import annotations
 
 import importlib.util
 import typing
 
-from hpcaux.comm import launch
 from hpcaux.errors import UserError
 
 if typing.TYPE_CHECKING:
@@ -40,21 +38,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hpcaux.comm' has no attribute {name!r}")
 
 
-def resolve_backend(backend: str, device: "torch.device | None", method: str = "layer_parallel") -> str:
-    """The backend `auto` stands for on this device for this training method; any other
-    name as given."""
+def resolve_backend(backend: str, device: "torch.device | None") -> str:
+    """The backend `auto` stands for on this device; any other name as given."""
     if backend != "auto":
         return backend
-    if device is not None and device.type == "cuda":
-        return "horovod" if importlib.util.find_spec("horovod") else "torch"
-    if method == "layer_parallel" and launch.launched_by_mpi() and importlib.util.find_spec("mpi4py"):
-        return "mpi4py"
-    return "torch"
+    on_gpu = device is not None and device.type == "cuda"
+    return "horovod" if on_gpu and importlib.util.find_spec("horovod") else "torch"
 
 
-def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None,
-                method: str = "layer_parallel") -> "Comm":
-    backend = resolve_backend(backend, device, method)
+def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None) -> "Comm":
+    backend = resolve_backend(backend, device)
     if backend not in REQUIRES:
         raise UserError(f"unknown comm backend '{backend}' (choose from {', '.join(REQUIRES)})")
     module, how = REQUIRES[backend]

@@ -48,8 +48,11 @@ class TrainingData(Protocol):
 
     def steps_per_epoch(self, batch_size: int, replicas: int = 1) -> int: ...
 
-    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0,
-                      replicas=1) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1,
+                      images=True) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+        """(images, labels, sample indices) per batch; `images=False` yields None for the
+        images, unread and unaugmented, for a rank that needs only the labels (the last
+        stage without an AuxNet). The order does not depend on it."""
 
     def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0,
                      shards=1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -87,17 +90,20 @@ class TensorImageData:
         """How many test images `test_batches(subset=subset)` yields."""
         return self.n_test if subset <= 0 or subset >= self.n_test else subset
 
-    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1):
+    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1, images=True):
         """Shuffled batches of replica `replica`; the last partial batch is dropped."""
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(self.n_train, generator=gen)
         for step in range(self.steps_per_epoch(batch_size, replicas)):
             start = (step * replicas + replica) * batch_size
             idx = order[start:start + batch_size]
-            images = self.train_x[idx].to(device)
+            if not images:
+                yield None, self.train_y[idx].to(device), idx
+                continue
+            batch = self.train_x[idx].to(device)
             if augment:
-                images = random_crop_flip(images, gen)
-            yield normalize(images, self.mean, self.std), self.train_y[idx].to(device), idx
+                batch = random_crop_flip(batch, gen)
+            yield normalize(batch, self.mean, self.std), self.train_y[idx].to(device), idx
 
     def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
         """Batches of (a stratified subset of) the test set, split over `shards`."""
@@ -164,11 +170,16 @@ class ImageFolderData:
                                            num_workers=self.workers, generator=gen,
                                            persistent_workers=False)
 
-    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1):
+    def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1, images=True):
         gen = epoch_generator(seed, epoch)
         order = self.train_idx[torch.randperm(self.n_train, generator=gen)]
         steps = self.steps_per_epoch(batch_size, replicas)
         mine = torch.cat([order[(s * replicas + replica) * batch_size:][:batch_size] for s in range(steps)])
+        if not images:
+            labels = torch.tensor(self.train_plain.targets)
+            for idx in mine.split(batch_size):
+                yield None, labels[idx].to(device), idx
+            return
         # The loader's generator seeds its workers: equal (seed, epoch) -> equal augmentation.
         dataset = self.train_aug if augment else self.train_plain
         for x, y, idx in self._loader(dataset, mine, batch_size, gen):

@@ -126,12 +126,13 @@ class LayerParallelTrainer:
         # (and continue the neighbour exchange from what was in flight, resumed_exchange).
         self.start_step_in_epoch = manifest.get("step_in_epoch", 0) if manifest else 0
 
-    def batches(self, epoch: int, augment: bool):
+    def batches(self, epoch: int, augment: bool, images: bool = True):
         """This replica's batches of an epoch; a resume inside this epoch skips those already
         trained on (drawn and dropped, so the augmentation draws stay those of an
-        uninterrupted run)."""
+        uninterrupted run). `images=False`: labels only (the images are None)."""
         batches = self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=epoch, augment=augment,
-                                          device=self.device, replica=self.layout.replica, replicas=self.layout.D)
+                                          device=self.device, replica=self.layout.replica, replicas=self.layout.D,
+                                          images=images)
         if epoch == self.start_epoch and self.start_step_in_epoch:
             return itertools.islice(batches, self.start_step_in_epoch, None)
         return batches
@@ -184,7 +185,10 @@ class LayerParallelTrainer:
             if self.step.exchange:
                 self.step.exchange.start_epoch(loop.step - epoch * steps,
                                                self.resumed_exchange if epoch == self.start_epoch else None)
-            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored"),
+            # Without an AuxNet the last stage's input is stage 1's output: it reads labels only,
+            # which saves the images' augmentation on the rank that sets the pace.
+            images = not (cfg.lp.aux_source == "none" and self.layout.is_last)
+            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored", images),
                                     loop.step - epoch * steps)
             if self.step.exchange:
                 self.step.exchange.drain()
