@@ -103,6 +103,7 @@ class LayerParallelConfig:
     local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
+    weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted N steps ahead (w - N x lr x momentum buffer), those the delayed gradient will be applied to (2: the delay); 0: at the current weights (docs/algorithm.md)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
     finetune_epochs: int = field(default=0, metadata={"min": 0})
     finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
@@ -263,6 +264,9 @@ def _check_consistency(cfg: Config):
     if cfg.lp.aux_source == "none" and cfg.lp.multipliers != "none":
         raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty and lp.multipliers=none "
                         "(multipliers belong to an AuxNet target)")
+    if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
+        raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
+                        f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
     if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
         raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
                         "targets the boundary norm keeps them from collapsing, docs/design.md §1)")

@@ -99,7 +99,8 @@ EXCHANGES = {"keep": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep
              "fused, AL": (CONFIG, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
                                        "lp.loss=al", "lp.multipliers=per_sample"]),
              "the K = 2 config": (K2, 1, []),
-             "the K = 2 config, 2 replicas": (K2, 2, ["parallel.D=2", "train.batch_size=16"])}
+             "the K = 2 config, 2 replicas": (K2, 2, ["parallel.D=2", "train.batch_size=16"]),
+             "the K = 2 config, weight prediction": (K2, 1, ["lp.weight_prediction=2"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))

@@ -164,3 +164,33 @@ def test_time_to_accuracy_is_the_first_epoch_reaching_the_target():
     assert time_to_accuracy(curve, 0.6) == 20.0
     assert time_to_accuracy(curve, 0.7) == 40.0
     assert time_to_accuracy(curve, 0.71) is None
+
+
+def test_weight_prediction_runs_the_kept_forward_where_the_delayed_gradient_lands():
+    """lp.weight_prediction=N: the stash's copies are w - N x lr x momentum buffer, the
+    weights N more momentum steps reach; their gradients go to the real parameters. Before
+    the first step (no buffer yet) the copies are the weights themselves."""
+    from hpcaux.train.lp.exchange import WeightStash
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(4, 3)
+    assert torch.equal(WeightStash(layer, optimizer=opt, steps_ahead=2).copies[0]["weight"], layer.weight)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().sum().backward()
+        opt.step()
+    stash = WeightStash(layer, optimizer=opt, steps_ahead=2)
+    for name, p in layer.named_parameters():
+        expected = p.detach() - 2 * 0.1 * opt.state[p]["momentum_buffer"]
+        assert torch.allclose(stash.copies[0][name], expected) and not torch.equal(stash.copies[0][name], p)
+    predicted = torch.nn.Linear(3, 2)
+    predicted.load_state_dict({n: c.detach() for n, c in stash.copies[0].items()})
+    out = stash.run(0, x)
+    assert torch.allclose(out, predicted(x))
+    layer.zero_grad(set_to_none=True)
+    out.square().sum().backward()
+    stash.move_gradients()
+    predicted(x).square().sum().backward()
+    assert torch.allclose(layer.weight.grad, predicted.weight.grad)

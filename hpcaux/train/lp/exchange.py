@@ -69,8 +69,14 @@ class WeightStash:
     step's graph alive until the context closed (14 GB per rank after a 78-step epoch)
     and sent every operation through a Python dispatch mode."""
 
-    def __init__(self, *modules):
-        self.copies = [{n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()} if m else None
+    def __init__(self, *modules, optimizer: torch.optim.Optimizer | None = None, steps_ahead: int = 0):
+        """`steps_ahead` > 0 (lp.weight_prediction): copy the weights predicted that many
+        steps ahead by `optimizer`'s momentum, w - steps_ahead x lr x buffer, where the
+        delayed gradient will be applied (SpecTrain's prediction for pipelines); the forward
+        then runs there too, which also makes the output stage k+1 trains on less stale."""
+        ahead = _predicted_steps(optimizer, steps_ahead) if steps_ahead else {}
+        self.copies = [{n: (p.detach() - ahead[p] if p in ahead else p.detach().clone()).requires_grad_()
+                        for n, p in m.named_parameters()} if m else None
                        for m in modules]
         self.modules = modules
 
@@ -89,6 +95,18 @@ class WeightStash:
         for copies in self.copies:
             for c in (copies or {}).values():
                 c.grad = None
+
+
+def _predicted_steps(optimizer: torch.optim.Optimizer, steps: int) -> dict:
+    """Per parameter, how far `steps` more steps of SGD with momentum move it: steps x lr x
+    the momentum buffer (nothing for a parameter without one yet, before the first step)."""
+    moves = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:
+                moves[p] = buffer * (steps * group["lr"])
+    return moves
 
 
 class SettledGradients:

@@ -104,7 +104,8 @@ class LayerParallelStep:
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
         terms, out = [], None
-        stash = WeightStash(self.stage, self.local_head) if exchange and exchange.keeps_graph() else None
+        stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt, steps_ahead=lp.weight_prediction) \
+            if exchange and exchange.keeps_graph() else None
         primary = primary and inp is not None  # aux_source none: the last stage waits for its first real input
         if primary:
             out = stash.run(0, inp) if stash else self.stage(inp)
