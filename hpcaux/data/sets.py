@@ -147,8 +147,8 @@ class ImageFolderData:
         self.train_plain = datasets.ImageFolder(root / "train", T.Compose(
             [T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
         self.test = datasets.ImageFolder(root / "val", self.train_plain.transform)
-        labels = torch.tensor(self.train_plain.targets)
-        self.train_idx = stratified_subset(labels, train_subset, seed)
+        self.train_y = torch.tensor(self.train_plain.targets)  # by index into train/
+        self.train_idx = stratified_subset(self.train_y, train_subset, seed)
         self.test_y = torch.tensor(self.test.targets)
         self.num_classes = len(self.train_plain.classes)
         self.image_shape = (3, 224, 224)
@@ -176,9 +176,8 @@ class ImageFolderData:
         steps = self.steps_per_epoch(batch_size, replicas)
         mine = torch.cat([order[(s * replicas + replica) * batch_size:][:batch_size] for s in range(steps)])
         if not images:
-            labels = torch.tensor(self.train_plain.targets)
             for idx in mine.split(batch_size):
-                yield None, labels[idx].to(device), idx
+                yield None, self.train_y[idx].to(device), idx
             return
         # The loader's generator seeds its workers: equal (seed, epoch) -> equal augmentation.
         dataset = self.train_aug if augment else self.train_plain

@@ -178,6 +178,9 @@ class LayerParallelTrainer:
                          progress, self.comm.watchdog.context,
                          describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
                          stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps))
+        # Without an AuxNet the last stage's input is stage 1's output: it reads labels only,
+        # which saves the images' augmentation on the rank that sets the pace.
+        images = not (cfg.lp.aux_source == "none" and lay.is_last)
         for epoch in range(self.start_epoch, min(epochs, last_epoch)):
             rho = rho_at_epoch(cfg.lp, epoch)
             self.step.epoch_stats = self.step.fresh_stats()
@@ -185,9 +188,6 @@ class LayerParallelTrainer:
             if self.step.exchange:
                 self.step.exchange.start_epoch(loop.step - epoch * steps,
                                                self.resumed_exchange if epoch == self.start_epoch else None)
-            # Without an AuxNet the last stage's input is stage 1's output: it reads labels only,
-            # which saves the images' augmentation on the rank that sets the pace.
-            images = not (cfg.lp.aux_source == "none" and self.layout.is_last)
             totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored", images),
                                     loop.step - epoch * steps)
             if self.step.exchange:
