@@ -51,6 +51,9 @@ class TrainConfig:
     threads: int = field(default=0, metadata={"min": 0, "help": "torch threads per rank; 0 = cores / ranks on this node"})
     device: str = field(default="auto", metadata={"choices": ("auto", "cuda", "cpu"), "help": "auto: one GPU per rank where there are GPUs, else the CPU; cuda: fail without a GPU"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
+    precision: str = field(default="fp32", metadata={"choices": ("fp32", "bf16"), "help": "bf16: the training forward passes under bfloat16 autocast (weights, gradients, boundaries and evaluation stay float32); not with method pipeline"})
+    channels_last: bool = field(default=False, metadata={"help": "weights and inputs in the channels_last (NHWC) memory format, faster convolutions on GPUs; not with method pipeline"})
+    sync_every: int = field(default=0, metadata={"min": 0, "help": "steps between the host's reads of the losses and the stop vote; 0 = 1 on CPUs, 50 on GPUs (a read waits for the device)"})
 
 
 @dataclass
@@ -72,7 +75,7 @@ class ParallelConfig:
     D: int = field(default=1, metadata={"min": 0, "help": "data-parallel replicas of each stage; 0 = world size / K (the sbatch scripts pass 0)"})
     balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages"})
     cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
-    microbatches: int = field(default=4, metadata={"min": 1, "help": "micro-batches per step (method: pipeline)"})
+    microbatches: int = field(default=4, metadata={"min": 1, "help": "micro-batches per step (method: pipeline, and the layer-parallel fine-tune)"})
 
 
 @dataclass
@@ -105,8 +108,9 @@ class LayerParallelConfig:
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted N steps ahead (w - N x lr x momentum buffer), those the delayed gradient will be applied to (2: the delay); 0: at the current weights (docs/algorithm.md)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
-    finetune_epochs: int = field(default=0, metadata={"min": 0})
-    finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
+    finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches)"})
+    finetune_schedule: str = field(default="continue", metadata={"choices": ("continue", "restart"), "help": "continue: one learning-rate schedule over both phases, the stage optimisers kept; restart: a fresh optimiser and schedule from lp.finetune_lr (docs/accuracy.md)"})
+    finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0, "help": "the fine-tune's learning rate with lp.finetune_schedule restart"})
 
 
 @dataclass

@@ -34,10 +34,13 @@ def ranks_of(proc) -> list[int]:
     return sorted(int(pid) for pid in children)
 
 
-@pytest.mark.parametrize("how,phase", [("USR1 to mpirun", "layer_parallel"), ("TERM to every rank", "finetune"),
-                                       ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel")])
-def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, tmp_path, cifar_root):
-    schedule = ["train.epochs=3"] if phase == "layer_parallel" else ["train.epochs=1", "lp.finetune_epochs=2"]
+@pytest.mark.parametrize("how,phase,schedule", [
+    ("USR1 to mpirun", "layer_parallel", ["train.epochs=3"]),
+    ("TERM to every rank", "finetune", ["train.epochs=1", "lp.finetune_epochs=2"]),
+    ("TERM to every rank", "finetune", ["train.epochs=1", "lp.finetune_epochs=2", "lp.finetune_schedule=restart"]),
+    ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel", ["train.epochs=3"])])
+def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, schedule, tmp_path,
+                                                                                   cifar_root):
     common = [f"data.root={cifar_root}", "lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]", *schedule]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = start(2, stopped, *common, guarded="hpcaux launch" in how)
@@ -100,7 +103,8 @@ EXCHANGES = {"keep": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep
                                        "lp.loss=al", "lp.multipliers=per_sample"]),
              "the K = 2 config": (K2, 1, []),
              "the K = 2 config, 2 replicas": (K2, 2, ["parallel.D=2", "train.batch_size=16"]),
-             "the K = 2 config, weight prediction": (K2, 1, ["lp.weight_prediction=2"])}
+             "the K = 2 config, weight prediction": (K2, 1, ["lp.weight_prediction=2"]),
+             "the K = 2 config, a host read every 5 steps": (K2, 1, ["train.sync_every=5"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))
@@ -122,6 +126,8 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly
     latest = stopped / "ckpt" / "latest"
     manifest = json.loads((latest / "manifest.json").read_text())
     assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] > 16
+    if "train.sync_every=5" in overrides:  # the vote is read after steps 5, 10, 15 and 16 (the epoch's last)
+        assert manifest["step_in_epoch"] in (0, 5, 10, 15), manifest
     if manifest["step_in_epoch"]:
         assert {f"exchange_{k}_{r}.pt" for k in range(2) for r in range(D)} <= set(manifest["files"])
         assert all((latest / f).is_file() for f in manifest["files"])

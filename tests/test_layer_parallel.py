@@ -1,10 +1,13 @@
 """Layer-parallel training under real mpirun: gradients, composition, replicas, end-to-end runs."""
 import json
+import math
 
 import pytest
 import torch
 
 from conftest import HPCAUX, ROOT, assert_same_final_weights, check, installed_backends, mpirun, run
+from hpcaux.config import load_config
+from hpcaux.train.run.schedules import learning_rate
 
 SCRIPTS = ROOT / "tests" / "mpi"
 
@@ -34,10 +37,11 @@ def test_stored_z_gradients_and_z_step_equal_one_process(cifar_root, tmp_path):
     assert out.count("stored gradients match") == 2
 
 
-@pytest.mark.parametrize("np,D", [(2, 1), (4, 2)])
-def test_finetune_step_equals_one_process_backprop(np, D, cifar_root, tmp_path):
-    out = _check_script(np, "check_finetune.py", installed_backends()[0], cifar_root, tmp_path, 2, D)
-    assert out.count("fine-tune gradients match") == np
+@pytest.mark.parametrize("K,D,M", [(2, 1, 1), (2, 1, 4), (3, 1, 3), (2, 2, 4)])
+def test_finetune_step_equals_one_process_backprop(K, D, M, cifar_root, tmp_path):
+    """M micro-batches (a GPipe pipeline): the gradient of one process on the same micro-batches."""
+    out = _check_script(K * D, "check_finetune.py", installed_backends()[0], cifar_root, tmp_path, K, D, M)
+    assert out.count("fine-tune gradients match") == K * D
 
 
 @pytest.mark.parametrize("mode", ["keep", "fused", "replay", "auxless"])
@@ -165,12 +169,36 @@ def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tm
 
 
 @pytest.mark.quick
-def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(tmp_path, cifar_root):
+@pytest.mark.parametrize("schedule", ["continue", "restart"])
+def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(schedule, tmp_path, cifar_root):
+    """continue: one cosine over both phases (8 steps each), so the layer-parallel epoch ends
+    at step 8 of 16; restart: each phase has its own, the fine-tune's from lp.finetune_lr."""
     _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "lp.loss=al", "lp.multipliers=per_sample",
                                        "lp.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
-                                       "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500")
+                                       "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
+                                       f"lp.finetune_schedule={schedule}", "optim.warmup_epochs=0")
     assert [m["phase"] for m in metrics] == ["layer_parallel", "finetune"]
     assert summary["finetune_epochs"] == 1 and summary["finetune_s"] > 0
+    optim = load_config(out / "config.yaml").optim
+    expected = [learning_rate(optim, 7, 16, 8), learning_rate(optim, 15, 16, 8)] if schedule == "continue" else \
+        [learning_rate(optim, 7, 8, 8), learning_rate(optim, 7, 8, 8, base_lr=0.01)]
+    assert [m["lr"] for m in metrics] == pytest.approx(expected)
+    proc = check(mpirun(1, [HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("config", ["cifar10_resnet20_k2.yaml", "cifar10_resnet20_auxnet.yaml"])
+def test_bf16_and_channels_last_train_both_phases_and_eval_in_float32_agrees(config, tmp_path, cifar_root):
+    """train.precision=bf16 with train.channels_last: the AuxNet, the stages, the neighbour
+    exchange and the pipelined fine-tune run their forward passes that way; the boundaries
+    and the checkpoint stay float32, so `hpcaux eval` counts what the run counted."""
+    _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "train.precision=bf16", "train.channels_last=true",
+                                       "lp.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
+                                       "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
+                                       "parallel.cuts=[4]", config=config)
+    assert summary["precision"] == "bf16" and summary["channels_last"] is True
+    assert [m["phase"] for m in metrics] == ["layer_parallel", "finetune"]
+    assert all(math.isfinite(v) for m in metrics for v in m["stage_loss"]), metrics
     proc = check(mpirun(1, [HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
 

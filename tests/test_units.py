@@ -8,11 +8,12 @@ import torch
 
 from hpcaux.bench.report import time_to_accuracy
 from hpcaux.comm import launch
-from hpcaux.train.loop import EpochLoop, LrSchedule
+from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.run.layout import Layout
+from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.schedules import learning_rate, rho_at_epoch
-from hpcaux.train.run.stop_request import StopPoint, StoppedBySignal
+from hpcaux.train.run.stop_request import NonFiniteLoss, StopPoint, StoppedBySignal, StopVote
 
 pytestmark = pytest.mark.quick
 
@@ -157,6 +158,85 @@ def test_epoch_loop_sets_the_schedule_per_step_and_sums_what_steps_report():
     assert seen_lr == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.075, 0.025])
     assert first.sums == {"loss": 6.0, "count": 3} and first.mean("loss") == 2.0 and second.lr == pytest.approx(0.025)
     assert loop.step == 6 and context["step"] == "finetune 5"
+
+
+class _Request:
+    """A stop request raised by the test at a chosen step (StopRequest's interface)."""
+    requested = False
+
+    def vote(self):
+        return 1.0 if self.requested else 0.0
+
+
+def test_epoch_loop_reads_the_host_every_sync_every_steps_and_sums_device_tensors():
+    """train.sync_every=4: the bar's text and the stop verdict are read after steps 4 and 8
+    and after the epoch's last (10); a stop asked at step 5 lands at the read after step 8;
+    tensors the steps return are summed on the device and come out as floats."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    request, saved, reads = _Request(), [], []
+    vote = StopVote(request, "cpu")
+
+    def step(x, y, idx):
+        request.requested = int(x) == 5
+        vote.cast_alone()
+        return {"loss": x.double(), "seconds": 0.5}
+
+    bar = _Bar()
+    loop = EpochLoop([opt], LrSchedule(optim(), total_steps=20, steps_per_epoch=10), step, bar, {},
+                     describe=lambda e, v: reads.append(int(v["loss"])) or "", vote=vote, sync_every=4,
+                     stop=StopPoint(lambda e, s: saved.append((e, s)), steps_per_epoch=10))
+    with pytest.raises(StoppedBySignal):
+        loop.run_epoch(0, [(torch.tensor(v), None, None) for v in range(1, 11)])
+    assert reads == [4, 8] and saved == [(0, 8)] and len(bar.updates) == 8
+    totals = loop.run_epoch(1, [(torch.tensor(v), None, None) for v in range(11, 21)])
+    assert reads == [4, 8, 14, 18] and len(bar.updates) == 18  # steps 11-20: reads after 14, 18 and 20
+    assert totals.sums == {"loss": sum(range(11, 21)), "seconds": 5.0} and isinstance(totals.sums["loss"], float)
+
+
+def test_a_nan_loss_read_late_names_the_steps_it_may_have_come_from():
+    """With reads every 4 steps, a NaN at step 6 is seen at the read after step 8 and the
+    message gives the steps since the last read; every step read on its own names one."""
+    vote = StopVote(None, "cpu", rank=1, world_size=2)
+
+    def step(x, y, idx):
+        vote.loss_finite = torch.isfinite(1.0 / (x - 5.0))  # inf at x = 5: step 6
+        vote.cast_alone()
+        return {}
+
+    context = {}
+    loop = EpochLoop([], LrSchedule(optim(), total_steps=16, steps_per_epoch=16), step, _Bar(), context, vote=vote,
+                     sync_every=4)
+    with pytest.raises(NonFiniteLoss) as bad:
+        loop.run_epoch(0, [(torch.tensor(float(v)), None, None) for v in range(16)])
+    assert bad.value.args == ([1], 4) and context["step"] == 7
+    message = bad.value.describe(context["step"], 16, lambda rank: rank)
+    assert message.startswith("the loss became NaN or Inf in epoch 1, one of steps 5-8 of 16, on stage(s) 2;")
+    assert NonFiniteLoss([0], 1).describe(7, 16, lambda rank: 0).startswith("the loss became NaN or Inf in epoch 1, step 8 of 16")
+
+
+def test_sync_every_reads_every_step_on_cpus_and_every_50_on_gpus_unless_set():
+    assert sync_interval(SimpleNamespace(sync_every=0), torch.device("cpu")) == 1
+    assert sync_interval(SimpleNamespace(sync_every=0), torch.device("cuda", 0)) == 50
+    assert sync_interval(SimpleNamespace(sync_every=7), torch.device("cpu")) == 7
+
+
+def test_precision_runs_the_forward_in_bf16_and_channels_last_and_hands_back_float32():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append((i[0].is_contiguous(memory_format=torch.channels_last),
+                                                             o.dtype)))
+    precision = Precision(SimpleNamespace(precision="bf16", channels_last=True), "cpu")
+    precision.prepare(conv, None)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    out = precision.forward(conv, torch.randn(2, 3, 8, 8))
+    assert seen == [(True, torch.bfloat16)] and out.dtype == torch.float32 and out.is_contiguous()
+    plain = Precision(SimpleNamespace(precision="fp32", channels_last=False), "cpu")
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(plain.forward(conv, x), conv(x)) and seen[-1] == (False, torch.float32)
+    assert precision.summary() == {"precision": "bf16", "channels_last": True}
+    with precision.float32():
+        precision.forward(conv, x)
+    assert seen[-1] == (True, torch.float32) and precision.bf16
 
 
 def test_time_to_accuracy_is_the_first_epoch_reaching_the_target():

@@ -12,7 +12,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from hpcaux.data.augment import normalize, random_crop_flip
+from hpcaux.data.augment import normalize, random_crop_flip, to_device
 from hpcaux.data.cifar import MEAN_STD, NUM_CLASSES, load_split
 from hpcaux.errors import UserError
 
@@ -98,12 +98,12 @@ class TensorImageData:
             start = (step * replicas + replica) * batch_size
             idx = order[start:start + batch_size]
             if not images:
-                yield None, self.train_y[idx].to(device), idx
+                yield None, to_device(self.train_y[idx], device), idx
                 continue
-            batch = self.train_x[idx].to(device)
+            batch = to_device(self.train_x[idx], device)
             if augment:
                 batch = random_crop_flip(batch, gen)
-            yield normalize(batch, self.mean, self.std), self.train_y[idx].to(device), idx
+            yield normalize(batch, self.mean, self.std), to_device(self.train_y[idx], device), idx
 
     def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
         """Batches of (a stratified subset of) the test set, split over `shards`."""
@@ -177,12 +177,12 @@ class ImageFolderData:
         mine = torch.cat([order[(s * replicas + replica) * batch_size:][:batch_size] for s in range(steps)])
         if not images:
             for idx in mine.split(batch_size):
-                yield None, self.train_y[idx].to(device), idx
+                yield None, to_device(self.train_y[idx], device), idx
             return
         # The loader's generator seeds its workers: equal (seed, epoch) -> equal augmentation.
         dataset = self.train_aug if augment else self.train_plain
         for x, y, idx in self._loader(dataset, mine, batch_size, gen):
-            yield x.to(device), y.to(device), idx
+            yield to_device(x, device), to_device(y, device), idx
 
     def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
         idx = stratified_subset(self.test_y, subset, seed)[shard::shards]

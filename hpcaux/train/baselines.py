@@ -30,6 +30,7 @@ from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.run.evaluate import evaluate_model
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion, make_optimizer
+from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.progress import Progress
 from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
@@ -49,6 +50,8 @@ class BaselineTrainer:
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model.arch, self.data.num_classes).to(device)
+        self.precision = Precision(cfg.train, device)
+        self.precision.prepare(self.model)
         self.criterion = make_criterion(cfg.optim)
         self.create_run = create_run
 
@@ -90,7 +93,8 @@ class BaselineTrainer:
                    "train_s": train_time,
                    "train_samples_per_s": loop.step * cfg.train.batch_size * self.replicas / train_time,
                    "step_ms_per_rank": per_rank["step_ms"].tolist(), "peak_mem_mb_per_rank": per_rank["peak_mem_mb"].tolist(),
-                   "threads": torch.get_num_threads(), "backend": self.comm.name, **self._extra_summary()}
+                   "threads": torch.get_num_threads(), "backend": self.comm.name, **self.precision.summary(),
+                   **self._extra_summary()}
         if is_root:
             write_json(self.run_dir / "summary.json", summary)
             discard_set_aside(self.run_dir)
@@ -134,7 +138,7 @@ class DataParallelTrainer(BaselineTrainer):
 
     def gradients(self, x, y):
         with self.comm.watchdog.guard("data-parallel step (gradient allreduce)", self.layout.stage_ranks(0)):
-            self.criterion(self.net(x), y).backward()
+            self.criterion(self.precision.forward(self.net, x), y).backward()
             if self.comm.name == "horovod":
                 self.optimizer.synchronize()  # the averaged gradients, under the watchdog
 
@@ -162,6 +166,9 @@ class PipelineTrainer(BaselineTrainer):
 
         if comm.name != "torch":
             raise UserError(f"method pipeline needs comm.backend torch (torch.distributed.pipelining), not {comm.name}")
+        if cfg.train.precision != "fp32" or cfg.train.channels_last:
+            raise UserError("method pipeline runs in float32 and the default memory format: set train.precision=fp32 "
+                            "and train.channels_last=false")
         check_stage_count(cfg.parallel.K, block_count(cfg.model.arch))
         self.layout = Layout.for_world(cfg.parallel.K, 1, comm.rank, comm.size)
         super().__init__(cfg, run_dir, comm, device, create_run)

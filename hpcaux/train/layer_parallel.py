@@ -23,7 +23,7 @@ from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
 from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
 from hpcaux.store.aux_store import open_store_for_run
-from hpcaux.train.loop import EpochLoop, LrSchedule
+from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.lp.exchange import NeighbourExchange
@@ -35,6 +35,7 @@ from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.lp.store import RunStore, init_stored_z
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
+from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.progress import Progress
 from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
 from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
@@ -90,6 +91,8 @@ class LayerParallelTrainer:
             if s < K - 1 and cfg.lp.local_cls_weight > 0 else None
         self.auxnet = build_auxnet(cfg, self.shapes, self.data.image_shape).to(device) \
             if cfg.lp.aux_source == "auxnet" else None
+        precision = Precision(cfg.train, device)
+        precision.prepare(self.stage, self.local_head, self.auxnet)
         # Process sets, created by every rank in the same order (Horovod and gloo need that).
         stage_group = [comm.new_group(lay.stage_ranks(k)) for k in range(K)][s]
         replica_group = [comm.new_group(lay.replica_ranks(r)) for r in range(lay.D)][lay.replica]
@@ -115,11 +118,12 @@ class LayerParallelTrainer:
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
                                       auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
                                       store=self.store, shapes=self.shapes, stage_group=stage_group,
-                                      replica_group=replica_group, stop_vote=self.stop_vote, exchange=exchange)
+                                      replica_group=replica_group, stop_vote=self.stop_vote, precision=precision,
+                                      exchange=exchange)
         if cfg.lp.aux_source == "stored" and not resume:
             wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
             init_stored_z(self.store, stages, wanted, self.data, cfg.train.eval_batch_size, device, comm.barrier)
-        self.chain = StageChain(comm, lay, self.stage, self.shapes, device)
+        self.chain = StageChain(comm, lay, self.stage, self.shapes, device, precision)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
         self.start_epoch = manifest["epoch"] if manifest else 0
         # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made
@@ -174,10 +178,11 @@ class LayerParallelTrainer:
         # derived from the epoch, also when a resume changes D.
         rho = 0.0
         loop = EpochLoop([self.stage_opt] + ([self.aux_opt] if self.aux_opt else []),
-                         LrSchedule(cfg.optim, steps * epochs, steps), lambda x, y, idx: self.step(x, y, idx, rho),
+                         self.lr_schedule(), lambda x, y, idx: self.step(x, y, idx, rho),
                          progress, self.comm.watchdog.context,
                          describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
-                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps))
+                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps),
+                         vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
         # Without an AuxNet the last stage's input is stage 1's output: it reads labels only,
         # which saves the images' augmentation on the rank that sets the pace.
         images = not (cfg.lp.aux_source == "none" and lay.is_last)
@@ -213,26 +218,37 @@ class LayerParallelTrainer:
             write_json(self.run_dir / "summary.json", summary)
         return summary
 
+    def lr_schedule(self, finetune: bool = False) -> LrSchedule:
+        """The learning rate by step: one schedule over both phases (lp.finetune_schedule
+        continue), or the layer-parallel phase's and the fine-tune's own (restart)."""
+        cfg, steps = self.cfg, self.steps
+        if cfg.lp.finetune_schedule == "continue":
+            return LrSchedule(cfg.optim, steps * (cfg.train.epochs + cfg.lp.finetune_epochs), steps)
+        if finetune:
+            return LrSchedule(cfg.optim, steps * cfg.lp.finetune_epochs, steps, base_lr=cfg.lp.finetune_lr)
+        return LrSchedule(cfg.optim, steps * cfg.train.epochs, steps)
+
     def _finetune(self, progress, log, last_epoch: int) -> list:
-        """Serial-parallel hybrid: end-to-end backprop of the composed network over send/recv."""
+        """Serial-parallel hybrid: end-to-end backprop of the composed network, pipelined over send/recv."""
         cfg, steps, epochs = self.cfg, self.steps, self.cfg.train.epochs
         first = max(self.start_epoch, epochs)
         step = FinetuneStep(self, resuming_inside=self.resume_from is not None and self.start_epoch >= epochs)
-        loop = EpochLoop([step.optimizer], LrSchedule(cfg.optim, steps * cfg.lp.finetune_epochs, steps,
-                                                      base_lr=cfg.lp.finetune_lr),
+        saved_opt = step.own_optimizer
+        loop = EpochLoop([step.optimizer], self.lr_schedule(finetune=True),
                          step, progress, self.comm.watchdog.context, label="finetune ",
                          describe=lambda e, _: f"finetune {e + 1 - epochs}",
-                         stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune", step.optimizer,
-                                                               step_in_epoch=s), steps))
-        all_totals = []
+                         stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune", saved_opt,
+                                                               step_in_epoch=s), steps),
+                         vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
+        all_totals, schedule_start = [], 0 if step.continues else epochs
         for epoch in range(first, last_epoch):
             within = self.start_step_in_epoch if epoch == self.start_epoch else 0
-            loop.step = (epoch - epochs) * steps + within
+            loop.step = (epoch - schedule_start) * steps + within
             totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment), within)
             all_totals.append(totals)
             record = finetune_record(epoch, totals, self.comm, self.layout, self.metrics(cfg.data.eval_subset),
                                      steps * cfg.train.batch_size * self.layout.D)
-            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch, step.optimizer)
+            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch, saved_opt)
             loop.stop.after_epoch(epoch + 1, last_epoch)
         return all_totals
 

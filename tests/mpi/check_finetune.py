@@ -1,9 +1,10 @@
 """The hybrid fine-tune step against one-process backprop of the composed network, under
-mpirun -np K*D:  python check_finetune.py BACKEND DATA_ROOT RUN_DIR K D
+mpirun -np K*D:  python check_finetune.py BACKEND DATA_ROOT RUN_DIR K D M
 
 Each rank's stage gradient after FinetuneStep.gradients (backprop across the ranks by
-send/recv, averaged over the replicas) must equal the gradient of the cross-entropy of
-the composed network in one process, averaged over every replica's batch.
+send/recv, a GPipe pipeline of M micro-batches, averaged over the replicas) must equal the
+gradient of the cross-entropy of the composed network in one process, run on the same M
+micro-batches (BatchNorm normalises each on its own), averaged over every replica's batch.
 """
 import sys
 from pathlib import Path
@@ -17,19 +18,28 @@ from hpcaux.train.lp.finetune import FinetuneStep
 from hpcaux.train.lp.joint import JointObjective
 
 backend, data_root, run_dir, K, D = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+M = int(sys.argv[6])
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, K, D, "optim.label_smoothing=0.1")
+cfg = tiny_config(data_root, backend, K, D, "optim.label_smoothing=0.1", f"parallel.microbatches={M}")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 twin = JointObjective(cfg, trainer.cuts, trainer.shapes, trainer.data.num_classes, trainer.data.image_shape)
 composed = torch.nn.Sequential(*twin.stages)
 batches = replica_batches(trainer, D)
 x, y, _ = batches[trainer.layout.replica]
 loss = FinetuneStep(trainer, resuming_inside=False).gradients(x, y)
-reference = torch.stack([F.cross_entropy(composed(bx), by, label_smoothing=0.1) for bx, by, _ in batches]).mean()
+
+
+def batch_loss(bx, by):
+    """The batch's mean cross-entropy, its M micro-batches weighted by their share."""
+    return sum(F.cross_entropy(composed(xm), ym, label_smoothing=0.1) * len(ym) / len(by)
+               for xm, ym in zip(bx.tensor_split(M), by.tensor_split(M)))
+
+
+reference = torch.stack([batch_loss(bx, by) for bx, by, _ in batches]).mean()
 reference.backward()
 assert_close(comm.rank, "stage", list(trainer.stage.parameters()), list(twin.stages[trainer.layout.stage].parameters()))
 if trainer.layout.is_last and D == 1:
-    assert abs(loss - reference.item()) < 1e-5, (loss, reference.item())
+    assert abs(loss.item() - reference.item()) < 1e-5, (loss, reference.item())
 trainer.store.close(comm.barrier)
 print(f"rank {comm.rank}: fine-tune gradients match one-process backprop")
 comm.finalize()

@@ -1,11 +1,16 @@
 """The serial-parallel hybrid's fine-tune step (docs/design.md §1): end-to-end backprop of the
-composed network across the ranks of a replica (StageChain.backprop_step over send/recv),
-the stage gradients averaged over the replicas when D > 1, and the stop vote in an
-allreduce of its own (this phase has no world allreduce to carry it).
+composed network across the ranks of a replica (StageChain.backprop_step, a GPipe pipeline
+of parallel.microbatches micro-batches over send/recv), the stage gradients averaged over
+the replicas when D > 1, and the stop vote in an allreduce of its own (this phase has no
+world allreduce to carry it).
+
+With lp.finetune_schedule continue (the default) the step goes on with the stage's own
+optimiser, momentum and all, and the trainer's one learning-rate schedule; with restart
+it has an optimiser of its own, from lp.finetune_lr, saved beside the stage's.
 """
 from __future__ import annotations
 
-import math
+import torch
 
 from hpcaux.train.lp.checkpoint import restore_finetune_optimizer
 from hpcaux.train.run.optim import make_optimizer
@@ -15,16 +20,24 @@ class FinetuneStep:
     def __init__(self, trainer, resuming_inside: bool):
         """`resuming_inside`: the checkpoint was taken during the fine-tune (restore its optimiser)."""
         self.trainer = trainer
-        self.optimizer = make_optimizer(list(trainer.stage.parameters()), trainer.cfg.optim, lr=trainer.cfg.lp.finetune_lr)
-        if resuming_inside:
+        lp = trainer.cfg.lp
+        self.continues = lp.finetune_schedule == "continue"
+        self.optimizer = trainer.stage_opt if self.continues else \
+            make_optimizer(list(trainer.stage.parameters()), trainer.cfg.optim, lr=lp.finetune_lr)
+        if resuming_inside and not self.continues:
             trainer.comm.agree(lambda: restore_finetune_optimizer(trainer, trainer.resume_from, self.optimizer),
                                "restoring the checkpoint")
 
-    def gradients(self, x, y) -> float | None:
+    @property
+    def own_optimizer(self):
+        """The optimiser a checkpoint saves beside the stage's: None when it is the stage's."""
+        return None if self.continues else self.optimizer
+
+    def gradients(self, x, y) -> torch.Tensor | None:
         """Leaves the stage's end-to-end gradient, averaged over the replicas; the loss on the last stage."""
         t = self.trainer
         self.optimizer.zero_grad(set_to_none=True)
-        loss = t.chain.backprop_step(x, y, t.step.criterion)
+        loss = t.chain.backprop_step(x, y, t.step.criterion, t.cfg.parallel.microbatches)
         if t.layout.D > 1:
             grads = [p.grad for p in t.stage.parameters()]
             t.comm.allreduce(grads, op="mean", group=t.step.stage_group, what="allreduce stage gradients")
@@ -32,6 +45,8 @@ class FinetuneStep:
 
     def __call__(self, x, y, _idx) -> dict:
         loss = self.gradients(x, y)
-        self.trainer.stop_vote.loss_finite = loss is None or math.isfinite(loss)
+        vote = self.trainer.stop_vote
+        vote.loss_finite = torch.isfinite(loss) if loss is not None else True
         self.optimizer.step()
-        return {"loss": loss or 0.0, "stop": self.trainer.stop_vote.agree_alone(self.trainer.comm)}
+        vote.agree_alone(self.trainer.comm)  # read by the epoch loop
+        return {"loss": loss if loss is not None else 0.0}

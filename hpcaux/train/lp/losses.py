@@ -23,7 +23,7 @@ import torch.nn.functional as F
 class StageTerm:
     loss: torch.Tensor               # the term, differentiable
     residual: torch.Tensor | None    # F_k(input) - target, detached (None on the last stage)
-    parts: dict                      # floats for logging: penalty, multiplier, local_ce, ce
+    parts: dict                      # for logging, detached 0-d tensors: penalty, multiplier, local_ce, ce
 
 
 def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=None,
@@ -37,21 +37,21 @@ def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=
     none) an earlier stage's own term is its local classifier alone, as on a real input."""
     if is_last:
         ce = criterion(output, labels)
-        return StageTerm(ce, None, {"ce": ce.item()})
+        return StageTerm(ce, None, {"ce": ce.detach()})
     if target is None:
         return real_input_term(output, labels, is_last=False, local_head=local_head, local_weight=local_weight,
                                criterion=criterion)
     residual = (output if pull_stage else output.detach()) - target
     penalty = 0.5 * rho * residual.pow(2).mean()
-    loss, parts = penalty, {"penalty": penalty.item()}
+    loss, parts = penalty, {"penalty": penalty.detach()}
     if multiplier is not None:
         mult = (multiplier * residual).mean()
         loss = loss + mult
-        parts["multiplier"] = mult.item()
+        parts["multiplier"] = mult.detach()
     if local_head is not None and local_weight > 0:
         local_ce = criterion(local_head(output), labels)
         loss = loss + local_weight * local_ce
-        parts["local_ce"] = local_ce.item()
+        parts["local_ce"] = local_ce.detach()
     return StageTerm(loss, residual.detach(), parts)
 
 
@@ -62,11 +62,11 @@ def real_input_term(output, labels, *, is_last: bool, local_head=None, local_wei
     (there is no AuxNet target for that batch)."""
     if is_last:
         ce = criterion(output, labels)
-        return StageTerm(ce, None, {"real_ce": ce.item()})
+        return StageTerm(ce, None, {"real_ce": ce.detach()})
     if local_head is None or local_weight <= 0:
         return StageTerm(output.sum() * 0.0, None, {})
     local_ce = criterion(local_head(output), labels)
-    return StageTerm(local_weight * local_ce, None, {"real_local_ce": local_ce.item()})
+    return StageTerm(local_weight * local_ce, None, {"real_local_ce": local_ce.detach()})
 
 
 def al_update(multiplier: torch.Tensor, residual: torch.Tensor, rho: float) -> torch.Tensor:
@@ -74,6 +74,6 @@ def al_update(multiplier: torch.Tensor, residual: torch.Tensor, rho: float) -> t
     return multiplier + rho * residual
 
 
-def relative_gap(output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
-    """(sum ||F_k - A_k||^2, sum ||A_k||^2) over a batch; their ratio is the relative gap."""
-    return (output - target).pow(2).sum().item(), target.pow(2).sum().item()
+def relative_gap(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum ||F_k - A_k||^2, sum ||A_k||^2) over a batch, on the device; their ratio is the relative gap."""
+    return (output - target).pow(2).sum(), target.pow(2).sum()

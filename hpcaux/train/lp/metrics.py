@@ -52,10 +52,11 @@ class HeldOutMetrics:
         for m in modules:
             m.eval()
         for x, y in self.eval_batches(subset):
-            inp, target, _ = step.inputs(x, None)
-            out = step.stage(inp)
+            with step.precision.float32():  # evaluation in float32, whatever train.precision says
+                inp, target, _ = step.inputs(x, None)
+                out = step.stage(inp)
             if target is not None:
-                counts["gap"][step.out_boundary] += torch.tensor(relative_gap(out, target), dtype=torch.float64)
+                counts["gap"][step.out_boundary] += torch.stack(relative_gap(out, target)).double().cpu()
             else:
                 counts["auxnet_path"] += torch.tensor([(out.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
         for m, mode in zip(modules, modes):

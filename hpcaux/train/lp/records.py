@@ -87,4 +87,5 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
             "peak_mem_mb_per_rank": ranks["peak_mem_mb"].tolist(),
             "allreduce_values_per_step": trainer.step.allreduce_values,
             "threads": torch.get_num_threads(), "backend": comm.name, "store_mode": trainer.store.mode,
+            **trainer.step.precision.summary(),
             "device": str(trainer.device), "placement": lay.placement(trainer.hosts)}

@@ -30,6 +30,7 @@ from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
+from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.stop_request import StopVote
 
 
@@ -48,8 +49,8 @@ class LayerParallelStep:
 
     def __init__(self, cfg: Config, layout: Layout, comm: Comm, device, *, stage, local_head, auxnet,
                  stage_opt, aux_opt, store, shapes, stage_group, replica_group, stop_vote: StopVote,
-                 exchange: NeighbourExchange | None = None):
-        self.cfg, self.layout, self.comm, self.device = cfg, layout, comm, device
+                 precision: Precision, exchange: NeighbourExchange | None = None):
+        self.cfg, self.layout, self.comm, self.device, self.precision = cfg, layout, comm, device, precision
         self.stage, self.local_head, self.auxnet = stage, local_head, auxnet
         self.stage_opt, self.aux_opt, self.store, self.shapes = stage_opt, aux_opt, store, shapes
         self.stage_group, self.replica_group, self.stop_vote = stage_group, replica_group, stop_vote
@@ -81,7 +82,9 @@ class LayerParallelStep:
             target = None if self.out_boundary is None else stored(self.out_boundary)
             return inp, target, {}
         wanted = [b for b in (self.in_boundary if with_input else None, self.out_boundary) if b is not None]
-        preds = self.auxnet(x, wanted) if wanted else {}
+        with self.precision.autocast():
+            preds = self.auxnet(self.precision.input(x), wanted) if wanted else {}
+        preds = {b: p.float() for b, p in preds.items()}
         inp = x if self.in_boundary is None else preds[self.in_boundary].detach().requires_grad_() \
             if with_input else None
         target = None if self.out_boundary is None else preds[self.out_boundary].detach().requires_grad_()
@@ -108,15 +111,16 @@ class LayerParallelStep:
             if exchange and exchange.keeps_graph() else None
         primary = primary and inp is not None  # aux_source none: the last stage waits for its first real input
         if primary:
-            out = stash.run(0, inp) if stash else self.stage(inp)
+            out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, inp)
             head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
-            terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
-                                    local_head=head, local_weight=lp.local_cls_weight,
-                                    pull_stage=lp.consistency == "mutual", criterion=self.criterion))
+            with self.precision.autocast():
+                terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
+                                        local_head=head, local_weight=lp.local_cls_weight,
+                                        pull_stage=lp.consistency == "mutual", criterion=self.criterion))
         if real is not None:
             terms.append(self._real_term(real.tensor, real.labels))
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
-        self.stop_vote.loss_finite = bool(torch.isfinite(total))
+        self.stop_vote.loss_finite = torch.isfinite(total.detach())  # read with the vote, not now
         self.stage_opt.zero_grad(set_to_none=True)
         tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash)
         delayed = self._add_delayed(tensors, grads)
@@ -167,7 +171,7 @@ class LayerParallelStep:
         delayed = self.exchange.delayed_gradient() if self.exchange else None
         if delayed is None or delayed.grad is None:  # None: its gradients were settled at a stop
             return delayed
-        more_tensors, more_grads = delayed.roots(self.stage)
+        more_tensors, more_grads = delayed.roots(lambda h: self.precision.forward(self.stage, h))
         tensors += more_tensors
         grads += more_grads
         return delayed
@@ -175,8 +179,10 @@ class LayerParallelStep:
     def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> StageTerm:
         """This stage's term on a real input (one function for the step and for a stop's
         `real_input_gradient`, which must take the same gradient)."""
-        return real_input_term(self.stage(real), labels, is_last=self.layout.is_last, local_head=self.local_head,
-                               local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
+        out = self.precision.forward(self.stage, real)
+        with self.precision.autocast():
+            return real_input_term(out, labels, is_last=self.layout.is_last, local_head=self.local_head,
+                                   local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
 
     def real_input_gradient(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The gradient of this stage's real-input term with respect to `real`, at the
@@ -207,6 +213,7 @@ class LayerParallelStep:
             self._synchronise_stored_z(inp, target, idx, rho)
         else:
             self.comm.allreduce([self.stop_vote.cast()], op="sum", what="allreduce stop votes")
+        self.stop_vote.collect()
         if D > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
             self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
@@ -243,7 +250,9 @@ class LayerParallelStep:
 
     # --- 4. apply -----------------------------------------------------------------------
     def __call__(self, x, y, idx, rho: float) -> dict:
-        """The whole step; returns the numbers the epoch sums and the agreed stop vote."""
+        """The whole step; returns the numbers the epoch sums, as device tensors where they
+        come from the device (the epoch loop reads them, and the stop vote, every
+        train.sync_every steps)."""
         t0 = time.perf_counter()
         step = self.compute_gradients(x, y, idx, rho)
         t1 = time.perf_counter()
@@ -260,5 +269,4 @@ class LayerParallelStep:
         gap = relative_gap(step.output, step.target.detach()) if step.target is not None else (0.0, 0.0)
         if self.exchange:
             self.exchange.end_step()
-        return {"loss": step.term.loss.item(), **step.term.parts, "gap_num": gap[0], "gap_den": gap[1], **times,
-                "stop": self.stop_vote.agreed}
+        return {"loss": step.term.loss.detach(), **step.term.parts, "gap_num": gap[0], "gap_den": gap[1], **times}

@@ -1,4 +1,6 @@
 """Rank 0's progress bar (tqdm) and per-epoch lines; silent on other ranks."""
+from __future__ import annotations
+
 import sys
 
 from tqdm import tqdm
@@ -10,8 +12,11 @@ class Progress:
         self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True,
                         disable=not (enabled and self.active), leave=False)
 
-    def update(self, text: str):
-        self.bar.set_postfix_str(text, refresh=False)
+    def update(self, text: str | None):
+        """One step done; `text` (None: keep the last) is read only on the epoch loop's
+        host reads, so the bar asks nothing of a GPU between them."""
+        if text is not None:
+            self.bar.set_postfix_str(text, refresh=False)
         self.bar.update(1)
 
     def note(self, text: str):

@@ -66,13 +66,21 @@ class StopRequest:
 
 
 class NonFiniteLoss(Exception):
-    """Raised on every rank when a rank's loss was NaN or Inf; args[0]: those ranks."""
+    """Raised on every rank when a rank's loss was NaN or Inf; args[0]: those ranks,
+    args[1]: how many steps the verdict covers (the host reads it every train.sync_every
+    steps, so the bad step is one of the last `span`)."""
 
     def describe(self, step, steps_per_epoch: int, stage_of) -> str:
         """The one line for the user; `step` is the watchdog's step label (a global step,
-        or "finetune N"), `stage_of(rank)` a rank's stage."""
-        where = f"epoch {step // steps_per_epoch + 1}, step {step % steps_per_epoch + 1} of {steps_per_epoch}" \
-            if isinstance(step, int) else f"step {step}"
+        or "finetune N") of the step the verdict was read after, `stage_of(rank)` a rank's stage."""
+        span = self.args[1] if len(self.args) > 1 else 1
+        if isinstance(step, int):
+            first = step - span + 1
+            steps = f"step {step % steps_per_epoch + 1}" if span == 1 else \
+                f"one of steps {first % steps_per_epoch + 1}-{step % steps_per_epoch + 1}"
+            where = f"epoch {step // steps_per_epoch + 1}, {steps} of {steps_per_epoch}"
+        else:
+            where = f"step {step}" if span == 1 else f"one of the {span} steps up to {step}"
         stages = ", ".join(str(s + 1) for s in sorted({stage_of(r) for r in self.args[0]}))
         return (f"the loss became NaN or Inf in {where}, on stage(s) {stages}; stopped without saving (the "
                 f"last checkpoint is kept): lower optim.lr or lp.rho_max")
@@ -81,35 +89,58 @@ class NonFiniteLoss(Exception):
 class StopVote:
     """This rank's vote, as a tensor that rides in the step's allreduce: [stop, bad_0, ...,
     bad_{n-1}], where stop > 0 asks every rank to stop and bad_r marks rank r's loss as not
-    finite. One allreduce tells every rank both, after the same step."""
+    finite. One allreduce tells every rank both, after the same step.
+
+    The agreed votes are added up on the device (`collect`) and read by the host only when
+    the epoch loop asks for the `verdict`, every train.sync_every steps: on a GPU a read is
+    a host synchronisation, which a per-step read would pay every step. Every rank reads
+    after the same steps, so every rank still sees the same verdict."""
 
     def __init__(self, request: StopRequest | None, device, rank: int = 0, world_size: int = 1):
         import torch  # here, not at the top: StopRequest must be importable before torch
 
         self.request, self.rank = request, rank
         self.tensor = torch.zeros(1 + world_size, device=device)
-        self.loss_finite = True
+        self.collected = torch.zeros(1 + world_size, device=device)
+        self.steps_collected = 0
+        self.loss_finite: "bool | torch.Tensor" = True  # a tensor stays on the device
 
     def cast(self) -> "torch.Tensor":
-        """Fill in this rank's vote; pass the result to the allreduce."""
+        """Fill in this rank's vote; pass the result to the allreduce, then `collect`."""
+        import torch
+
         self.tensor.zero_()
         self.tensor[0] = self.request.vote() if self.request else 0.0
-        self.tensor[1 + self.rank] = 0.0 if self.loss_finite else 1.0
+        finite = self.loss_finite
+        self.tensor[1 + self.rank] = torch.logical_not(finite).float() if torch.is_tensor(finite) else float(not finite)
         return self.tensor
 
-    @property
-    def agreed(self) -> bool:
-        """The stop verdict, once the allreduce that carried the vote has run; raises
-        NonFiniteLoss (on every rank alike) when any rank's loss was not finite."""
-        bad = self.tensor[1:].nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLoss(bad)
-        return self.tensor[0].item() > 0
+    def collect(self):
+        """Add the agreed vote of this step (the allreduce has run) to those not yet read."""
+        self.collected.add_(self.tensor)
+        self.steps_collected += 1
 
-    def agree_alone(self, comm) -> bool:
+    def cast_alone(self):
+        """A one-rank run has no allreduce: its own vote is the agreed one."""
+        self.cast()
+        self.collect()
+
+    def verdict(self) -> bool:
+        """Whether a stop was agreed in the steps collected since the last read; raises
+        NonFiniteLoss (on every rank alike) when any rank's loss was not finite in them."""
+        votes = self.collected.tolist()  # the one host read
+        span = self.steps_collected
+        self.collected.zero_()
+        self.steps_collected = 0
+        bad = [rank for rank, v in enumerate(votes[1:]) if v > 0]
+        if bad:
+            raise NonFiniteLoss(bad, span)
+        return votes[0] > 0
+
+    def agree_alone(self, comm):
         """The vote in an allreduce of its own, for a phase without a world allreduce."""
         comm.allreduce([self.cast()], op="sum", what="allreduce stop votes")
-        return self.agreed
+        self.collect()
 
 
 class StopPoint:
