@@ -97,14 +97,15 @@ def test_signals_repeated_to_hpcaux_launch_until_mpirun_exits_leave_a_clean_exit
 
 
 K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
-EXCHANGES = {"keep": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
-             "replay": (CONFIG, 1, ["lp.real_inputs=beside", "lp.delayed_grad=replay"]),
-             "fused, AL": (CONFIG, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
+EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
+             "replay": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=replay"]),
+             "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
                                        "lp.loss=al", "lp.multipliers=per_sample"]),
-             "the K = 2 config": (K2, 1, []),
-             "the K = 2 config, 2 replicas": (K2, 2, ["parallel.D=2", "train.batch_size=16"]),
-             "the K = 2 config, weight prediction": (K2, 1, ["lp.weight_prediction=2"]),
-             "the K = 2 config, a host read every 5 steps": (K2, 1, ["train.sync_every=5"])}
+             "the K = 2 config": (K2, 2, 1, []),
+             "the K = 2 config, 2 replicas": (K2, 2, 2, ["parallel.D=2", "train.batch_size=16"]),
+             "the K = 2 config, weight prediction": (K2, 2, 1, ["lp.weight_prediction=2"]),
+             "the K = 2 config, a host read every 5 steps": (K2, 2, 1, ["train.sync_every=5"]),
+             "the pipeline at K = 4": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))
@@ -113,10 +114,10 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly
     settles them (no hang) and saves them with every step made (per replica: each trains
     on its own batches), and the resumed run continues the exchange, so it ends with the
     weights of an uninterrupted run."""
-    config, D, overrides = EXCHANGES[exchange]
+    config, K, D, overrides = EXCHANGES[exchange]
     common = [f"data.root={cifar_root}", "parallel.cuts=[4]", "train.epochs=3", *overrides]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = start(2 * D, stopped, *common, config=config)
+    proc = start(K * D, stopped, *common, config=config)
     wait_for_epochs(stopped, 1, proc)
     time.sleep(0.5)  # a few steps into the epoch: the exchange is in its steady state
     proc.send_signal(signal.SIGUSR1)
@@ -129,11 +130,11 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly
     if "train.sync_every=5" in overrides:  # the vote is read after steps 5, 10, 15 and 16 (the epoch's last)
         assert manifest["step_in_epoch"] in (0, 5, 10, 15), manifest
     if manifest["step_in_epoch"]:
-        assert {f"exchange_{k}_{r}.pt" for k in range(2) for r in range(D)} <= set(manifest["files"])
+        assert {f"exchange_{k}_{r}.pt" for k in range(K) for r in range(D)} <= set(manifest["files"])
         assert all((latest / f).is_file() for f in manifest["files"])
-    check(mpirun(2 * D, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
-    check(mpirun(2 * D, [HPCAUX, "train", "--config", config, "--out", str(straight), *SMALL, *common], timeout=300))
-    files = ("stage_0.pt", "stage_1.pt") + (("auxnet.pt",) if config == CONFIG else ())
+    check(mpirun(K * D, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))
+    check(mpirun(K * D, [HPCAUX, "train", "--config", config, "--out", str(straight), *SMALL, *common], timeout=300))
+    files = tuple(f"stage_{k}.pt" for k in range(K)) + (("auxnet.pt",) if config == CONFIG else ())
     assert_same_final_weights(straight, stopped, files=files)
 
 

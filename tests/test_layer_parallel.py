@@ -51,6 +51,15 @@ def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode
     assert f"exchange ({mode}): real inputs one step late" in out
 
 
+@pytest.mark.parametrize("np,backend,mode", [(3, "torch", "keep"), (4, "mpi4py", "fused")])
+def test_pipeline_without_auxnet_applies_the_gradients_of_the_delayed_composed_network(np, backend, mode, cifar_root,
+                                                                                       tmp_path):
+    """K > 2 without an AuxNet: every stage on its predecessor's real output, each stage's
+    gradient that of the whole network at the weights each stage ran the batch at."""
+    out = _check_script(np, "check_chained.py", backend, cifar_root, tmp_path, mode)
+    assert f"chained pipeline ({mode}, K={np}):" in out and "equal the delayed composed network's" in out
+
+
 def test_pipeline_step_equals_one_process_backprop(cifar_root, tmp_path):
     out = _check_script(2, "check_pipeline.py", cifar_root, tmp_path, 2)
     assert out.count("pipeline gradients match") == 2

@@ -51,10 +51,9 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
         raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
     check_stage_count(K, block_count(cfg.model.arch))
     lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
-    if cfg.lp.aux_source == "none" and K != 2:
-        raise UserError(f"config key 'lp.aux_source' none needs parallel.K=2, got {K} "
-                        "(a middle stage needs the AuxNet for its input: lp.aux_source=auxnet, as in "
-                        "configs/cifar10_resnet20_auxnet.yaml)")
+    if cfg.lp.aux_source == "none" and K > 2 and cfg.lp.delayed_grad not in ("keep", "fused"):
+        raise UserError(f"config key 'lp.aux_source' none with parallel.K={K} needs lp.delayed_grad keep or fused, "
+                        f"got {cfg.lp.delayed_grad} (a middle stage returns its input gradient from the graph it kept)")
     if cfg.lp.aux_source == "stored" and lay.D > 1:
         raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
     if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
@@ -113,7 +112,8 @@ class LayerParallelTrainer:
                                     "the HDF5 store layout")
         self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size, self.steps, device,
-                                     cfg.lp.delayed_grad, (self.stage, self.local_head)) \
+                                     cfg.lp.delayed_grad, (self.stage, self.local_head),
+                                     chained=cfg.lp.aux_source == "none") \
             if cfg.lp.real_inputs != "none" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
                                       auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
@@ -183,9 +183,9 @@ class LayerParallelTrainer:
                          describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
                          stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps),
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
-        # Without an AuxNet the last stage's input is stage 1's output: it reads labels only,
-        # which saves the images' augmentation on the rank that sets the pace.
-        images = not (cfg.lp.aux_source == "none" and lay.is_last)
+        # Without an AuxNet a later stage's input is its predecessor's output: it reads labels
+        # only, which saves the images' augmentation.
+        images = not (cfg.lp.aux_source == "none" and not lay.is_first)
         for epoch in range(self.start_epoch, min(epochs, last_epoch)):
             rho = rho_at_epoch(cfg.lp, epoch)
             self.step.epoch_stats = self.step.fresh_stats()

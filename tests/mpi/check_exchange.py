@@ -12,8 +12,9 @@ nothing at step 0. Over the first steps of an epoch:
   or of step s (replay), computed here on copies; with fused, its own term on batch s-2
   and the returned gradient, both at the weights of step s-2 (none at steps 0 and 1);
 * a stop in the middle of the epoch settles the exchange without a hang: stage 2 keeps
-  stage 1's last output and returns its gradient at once (BatchNorm statistics untouched),
-  stage 1 settles its last two batches (test_faults checks that the resume is exact).
+  stage 1's last output and (with the AuxNet) returns its gradient at once (BatchNorm
+  statistics untouched); stage 1 settles its last two batches, or without the AuxNet saves
+  what rebuilds their graphs (test_faults checks that the resume is exact).
 """
 import copy
 import sys
@@ -37,25 +38,25 @@ rho, first, STEPS = 1.0, 0, 5
 record = {"sent": {}, "real": {}, "returned": {}, "applied": {}}
 
 # Record what crosses ranks, by the step it happens at.
-send_output, real_input, return_gradient, delayed_gradient = (exchange.send_output, exchange.real_input,
+send_output, begin_step, return_gradient, delayed_gradient = (exchange.send_output, exchange.begin_step,
                                                               exchange.return_gradient, exchange.delayed_gradient)
 
 
-def recording_send(output, stage_input, own_loss=None, stash=None):
+def recording_send(output, stage_input, **kept):
     record["sent"][exchange.step] = output.detach().clone()
-    send_output(output, stage_input, own_loss, stash)
+    send_output(output, stage_input, **kept)
 
 
 def recording_real(labels):
-    real = real_input(labels)
+    real = begin_step(labels)
     record["real"][exchange.step] = None if real is None else (real.tensor.detach().clone(), real.labels.clone())
     return real
 
 
-def recording_return(real):
+def recording_return(real, delayed):
     if real is not None:
         record["returned"][exchange.step] = real.tensor.grad.clone()
-    return_gradient(real)
+    return_gradient(real, delayed)
 
 
 def recording_delayed():
@@ -64,7 +65,7 @@ def recording_delayed():
     return delayed
 
 
-exchange.send_output, exchange.real_input = recording_send, recording_real
+exchange.send_output, exchange.begin_step = recording_send, recording_real
 exchange.return_gradient, exchange.delayed_gradient = recording_return, recording_delayed
 
 
@@ -119,13 +120,14 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
 buffers = [b.clone() for b in stage.buffers()]
 state = exchange.settle(step.real_input_gradient)  # a stop after step STEPS-1, inside the epoch
 assert all(torch.equal(b, saved) for b, saved in zip(stage.buffers(), buffers)), "settling moved BatchNorm statistics"
+pending = state["kept"] if mode == "auxless" else state["delayed"]
 if trainer.layout.is_last:
-    assert state["real"]["returned"] and not state["delayed"]
+    assert state["real"]["returned"] == (mode != "auxless") and not pending, state
     record["settled_real"] = state["real"]["tensor"]
 else:
-    assert state["real"] is None and [d["step"] for d in state["delayed"]] == [STEPS - 2, STEPS - 1], state
-    kind = "stage_input" if mode == "replay" else "parameter_grads"
-    assert all(kind in d for d in state["delayed"]), state["delayed"]
+    assert state["real"] is None and [d["due"] for d in pending] == [STEPS, STEPS + 1], state
+    kind = "stage_input" if mode == "replay" else "weights" if mode == "auxless" else "parameter_grads"
+    assert all(d.get(kind) is not None for d in pending), pending
 
 torch.save({k: v for k, v in record.items()}, run_dir / f"record_{comm.rank}.pt")
 comm.barrier()

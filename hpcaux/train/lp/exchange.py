@@ -4,35 +4,45 @@ step late (docs/design.md §1, `lp.real_inputs`, `lp.delayed_grad`).
 Within an epoch of T steps (step s of the epoch, batch b_s; every rank of a replica draws
 the same batches):
 
-* stage k sends its output on b_s to stage k+1 at step s (s <= T-2), non-blocking;
-* stage k+1 takes it at step s+1 as a real input with b_s's labels, beside (or instead
-  of) the AuxNet's prediction, and returns the gradient of its loss with respect to that
-  input (s <= T-3), non-blocking;
-* stage k applies that gradient at step s+2 to its output on b_s: through the graph it
-  kept of that batch (`keep`: one more batch of activations in memory, the gradient taken
-  at the weights of step s, as delayed-gradient methods do) or by running the batch
-  again (`replay`: one more forward, at the current weights, as Features Replay does).
-  `fused` keeps the graph too and holds back stage k's own term of b_s (its local
-  classifier and its side of the consistency term) to go through that graph in the same
-  backward: one backward of the stage per step instead of two, the own term's gradient
-  two steps late like the returned one.
+* stage k sends its output of step s to stage k+1 (s <= T-2), non-blocking;
+* stage k+1 takes it at step s+1 as a real input with its batch's labels, beside (or
+  instead of) the AuxNet's prediction, and returns the gradient of its loss with respect
+  to that input, non-blocking;
+* stage k applies that gradient `delay` steps after it sent the output: to the graph it
+  kept of that batch (`keep`: one more batch of activations in memory per step of delay,
+  the gradient taken at the weights of the forward, as delayed-gradient methods do) or by
+  running the batch again (`replay`: one more forward, at the current weights, as Features
+  Replay does). `fused` keeps the graph too and holds back stage k's own term of the batch
+  (its local classifier and its side of the consistency term) to go through that graph in
+  the same backward: one backward of the stage per step instead of two.
+
+With the AuxNet every boundary is its own two-step exchange (`delay` 2): stage k+1 returns
+the gradient of the real input in the step it arrives. Without it (`chained`, lp.aux_source
+none) the stages form a pipeline: stage k > 0 has no input but the real one, so it runs
+batch b_{s-k} at step s, keeps that graph, and back-propagates it only when stage k+1's
+gradient for it returns; then it returns its own input gradient of that batch. Stage k's
+delay is 2(K-1-k) steps (0 for the last stage, which back-propagates at once), and stage
+k keeps that many graphs.
 
 Every receive is posted a step before it is needed, so in steady state no rank waits on
-another. The exchange starts afresh every epoch (the first step has no real input, the
-first two no delayed gradient) and every message of an epoch is received within it, so
-the point-to-point traffic of evaluation never meets a training message.
+another. The exchange starts afresh every epoch (stage k has no input before step k, and
+a batch whose gradient would return after the epoch's end keeps no graph) and every
+message of an epoch is received within it, so the point-to-point traffic of evaluation
+never meets a training message.
 
-A stop inside an epoch (`settle`) leaves two steps' work in flight: stage k+1 holds stage
-k's output of the last step, and stage k owes the kept graphs of its last two batches
-their returned gradients. Neither a message nor a graph can be saved, so `settle` finishes
-what can be finished without changing the run: stage k+1 computes the gradient of that
-real input now (at the weights the next step would use; BatchNorm's running statistics
-left as they were) and returns it, and stage k back-propagates both returned gradients
-through their kept graphs into the weight copies. What is left is saved (`state`): the
-real input and its labels, and per pending batch the parameter gradients (`keep`,
-`fused`) or the input and the returned gradient (`replay`). A resume (`start_epoch` with
-that state) applies them at the steps the uninterrupted run would have, so it ends with
-the same weights.
+A stop inside an epoch leaves work in flight: messages sent but not yet used, and kept
+graphs waiting for their gradients. A graph cannot be saved, so `settle` saves what makes
+it again. With the AuxNet (`delay` 2) it finishes what can be finished without changing
+the run: stage k+1 computes the gradient of the real input it holds now (at the weights
+the next step would use; BatchNorm's running statistics left as they were) and returns
+it, and stage k back-propagates both pending gradients through their kept graphs into the
+weight copies; it saves the real input and per pending batch the parameter gradients
+(`keep`, `fused`) or the input and the returned gradient (`replay`). In the chained
+pipeline those gradients depend on steps not yet run, so it saves, per kept graph, its
+input, labels and the weights its forward used, and the resume runs that forward again
+(`rebuild`) before its backward. Either way a resume (`start_epoch` with that state)
+applies them at the steps the uninterrupted run would have, so it ends with the same
+weights.
 """
 from __future__ import annotations
 
@@ -79,10 +89,31 @@ class WeightStash:
                         for n, p in m.named_parameters()} if m else None
                        for m in modules]
         self.modules = modules
+        self.repeats_forward = False
 
     def run(self, which: int, *args):
-        """Module `which` (in the order given) applied to args with the stashed weights."""
-        return torch.func.functional_call(self.modules[which], self.copies[which], args)
+        """Module `which` (in the order given) applied to args with the stashed weights. A
+        restored stash runs a forward its step already counted in BatchNorm's running
+        statistics, so it updates copies of them instead (put back after the forward, the
+        originals would fail autograd's version check in the backward)."""
+        module, tensors = self.modules[which], self.copies[which]
+        if self.repeats_forward:
+            tensors = {**tensors, **{n: b.clone() for n, b in module.named_buffers()}}
+        return torch.func.functional_call(module, tensors, args)
+
+    def saved(self) -> list:
+        """The copied weights, to save at a stop (`restored` makes the stash again)."""
+        return [{n: c.detach().clone() for n, c in copies.items()} if copies is not None else None
+                for copies in self.copies]
+
+    @classmethod
+    def restored(cls, modules: tuple, weights: list, device) -> "WeightStash":
+        """The stash `saved` returned, on `device`."""
+        stash = cls.__new__(cls)
+        stash.modules, stash.repeats_forward = modules, True
+        stash.copies = [{n: w.to(device).requires_grad_() for n, w in named.items()} if named is not None else None
+                        for named in weights]
+        return stash
 
     def gradients(self) -> list:
         """What the copies received so far: per module, parameter name -> gradient."""
@@ -122,21 +153,36 @@ class SettledGradients:
 
 @dataclass
 class RealInput:
-    """Stage k-1's output on the previous batch, and that batch's labels."""
+    """Stage k-1's output of step `origin`, and the labels of its batch."""
     tensor: torch.Tensor       # requires grad: its .grad goes back to stage k-1
     labels: torch.Tensor
+    origin: int                # the step of the epoch stage k-1 sent it at
     returned: bool = False     # its gradient went back already (at a stop, before the save)
 
 
 @dataclass
 class DelayedGradient:
-    """What stage k back-propagates this step: `grad` of its output on an earlier batch,
-    whose graph it kept (`output`) or whose input it replays (`stage_input`)."""
-    grad: torch.Tensor | None            # set once it has arrived
+    """A batch whose output stage k sent on, waiting for stage k+1's gradient of it (`grad`,
+    due at step `due`): the graph it kept (`output`, built on `stash`'s weights) or, in
+    `replay`, only its input."""
+    due: int
+    stage_input: torch.Tensor
     output: torch.Tensor | None = None
-    stage_input: torch.Tensor | None = None
     own_loss: torch.Tensor | None = None   # `fused`: the stage's own term of that batch
     stash: WeightStash | SettledGradients | None = None  # `keep`, `fused`: the kept graph's weights
+    real: RealInput | None = None          # chained: the real input the batch came as
+    labels: torch.Tensor | None = None     # chained: its labels (a rebuild's own term needs them)
+    pending: Pending | None = None         # the gradient's receive, once posted
+    grad: torch.Tensor | None = None       # set once it has arrived
+
+    def awaits_gradient(self) -> bool:
+        """Whether stage k+1's gradient is still to be received (not yet posted, and not
+        settled at a stop)."""
+        return self.pending is None and not isinstance(self.stash, SettledGradients)
+
+    def needs_rebuild(self) -> bool:
+        """A kept graph restored from a stop: its forward must run again (the step's `rebuild`)."""
+        return self.output is None and isinstance(self.stash, WeightStash)
 
     def roots(self, stage) -> tuple[list, list]:
         """What its backward starts from, with their gradients: the kept output (or, in
@@ -155,16 +201,23 @@ KEEPS_GRAPH = ("keep", "fused")
 
 class NeighbourExchange:
     def __init__(self, comm: Comm, layout: Layout, shapes: list[tuple], batch_size: int, steps_per_epoch: int,
-                 device: torch.device, delayed_grad: str, modules: tuple = ()):
+                 device: torch.device, delayed_grad: str, modules: tuple = (), chained: bool = False):
         """`modules`: the stage and its local head (or None), whose parameters the delayed
-        gradients reach."""
+        gradients reach. `chained`: the pipeline without an AuxNet (module docstring)."""
         self.comm, self.steps, self.device, self.delayed_grad = comm, steps_per_epoch, device, delayed_grad
-        self.modules = modules
-        s = layout.stage
+        self.modules, self.chained = modules, chained
+        s, K = layout.stage, layout.K
         self.prev = layout.rank_of(s - 1) if s > 0 else None
-        self.next = layout.rank_of(s + 1) if s < layout.K - 1 else None
+        self.next = layout.rank_of(s + 1) if s < K - 1 else None
         self.in_shape = (batch_size, *shapes[s - 1]) if s > 0 else None
-        self.out_shape = (batch_size, *shapes[s]) if s < layout.K - 1 else None
+        self.out_shape = (batch_size, *shapes[s]) if s < K - 1 else None
+        # Steps from sending an output to applying its gradient, here and on stage k-1;
+        # steps from a batch's draw to its real input's arrival here; the first step at
+        # which stage k-1 has an output to send.
+        self.delay = 2 * (K - 1 - s) if chained else 2
+        self.prev_delay = 2 * (K - s) if chained else 2
+        self.lag = s if chained else 1
+        self.prev_starts = s - 1 if chained else 0
         self.start_epoch(0)
 
     def start_epoch(self, first_step: int, state: dict | None = None):
@@ -173,65 +226,86 @@ class NeighbourExchange:
         self.step = first_step
         self.sends: list[Pending] = []
         self.real: Pending | None = None       # real input of the previous step, in flight
-        self.labels: torch.Tensor | None = None
         self.real_returned = False
-        self.grads: deque = deque()            # (step, Pending grad, DelayedGradient), oldest first
+        self.recent_labels: deque = deque(maxlen=self.lag)  # of the last `lag` steps, oldest first
+        self.kept: deque[DelayedGradient] = deque()         # oldest first
         if state:
             self._restore(state)
 
-    # --- the receiving side (stage k > 0) ---------------------------------------------
-    def real_input(self, labels: torch.Tensor) -> RealInput | None:
-        """The real input of the previous batch (None on an epoch's first step); posts the
-        receive for this batch's, to be used next step."""
+    def begin_step(self, labels: torch.Tensor) -> RealInput | None:
+        """Start the step: post the receive of the gradient due next step, and return the
+        real input that arrived for this step (None before stage k-1's first output, or on
+        the first stage), posting the receive of the next."""
+        for kept in self.kept:
+            if kept.due == self.step + 1 and kept.awaits_gradient():
+                kept.pending = self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
+                                               what="irecv boundary gradient")
         if self.prev is None:
             return None
         real = None
         if self.real is not None:
-            real = RealInput(self.real.wait().requires_grad_(), self.labels, self.real_returned)
-        self.real, self.labels, self.real_returned = None, labels, False
-        if self.step <= self.steps - 2:
+            real = RealInput(self.real.wait().requires_grad_(), self.recent_labels[0], self.step - 1,
+                             self.real_returned)
+        self.recent_labels.append(labels)
+        self.real, self.real_returned = None, False
+        if self.prev_starts <= self.step <= self.steps - 2:
             self.real = self.comm.irecv(torch.empty(self.in_shape, device=self.device), self.prev,
                                         what="irecv real activation")
         return real
 
-    def return_gradient(self, real: RealInput | None):
-        """Send the gradient of this rank's loss with respect to the real input back."""
-        if real is None or real.returned or not self._returns_gradient_of(self.step - 1):
+    # --- the receiving side (stage k > 0) ---------------------------------------------
+    def return_gradient(self, real: RealInput | None, delayed: DelayedGradient | None):
+        """Send back the gradient of the real input whose backward ran this step: this
+        step's, or in a chained stage with a successor that of the kept batch just
+        back-propagated."""
+        if self.chained and self.next is not None:
+            real = delayed.real if delayed is not None else None
+        if real is None or real.returned or not self._returns_gradient_of(real.origin):
             return
         grad = real.tensor.grad if real.tensor.grad is not None else torch.zeros_like(real.tensor)
         self.sends.append(self.comm.isend(grad, self.prev, what="isend boundary gradient"))
 
+    def _returns_gradient_of(self, origin: int) -> bool:
+        """Whether stage k-1's output of step `origin` earns a returned gradient (one that
+        would arrive after the epoch's end does not)."""
+        return self.delayed_grad != "none" and origin + self.prev_delay <= self.steps - 1
+
     # --- the sending side (stage k < K-1) ---------------------------------------------
     def send_output(self, output: torch.Tensor, stage_input: torch.Tensor, own_loss: torch.Tensor | None = None,
-                    stash: WeightStash | None = None):
+                    stash: WeightStash | None = None, real: RealInput | None = None,
+                    labels: torch.Tensor | None = None):
         """Send this batch's output on; keep what the delayed gradient will need: the graph
-        and the weights it used (`stash`) or the input, and in `fused` mode the own term
-        `own_loss` that waits for it."""
+        and the weights it used (`stash`) or the input, in `fused` mode the own term
+        `own_loss` that waits for it, and (chained) the real input it came as and the labels."""
         if self.next is None:
             return
         if self.step <= self.steps - 2:
             self.sends.append(self.comm.isend(output, self.next, what="isend real activation"))
-        if self.delayed_grad != "none" and self.step <= self.steps - 3:
-            pending = self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
-                                      what="irecv boundary gradient")
-            kept = DelayedGradient(None, output=output, own_loss=own_loss, stash=stash) if self.delayed_grad in KEEPS_GRAPH \
-                else DelayedGradient(None, stage_input=stage_input.detach())
-            self.grads.append((self.step, pending, kept))
+        if self.delayed_grad != "none" and self._keeps(self.step):
+            due = self.step + self.delay
+            self.kept.append(DelayedGradient(due, stage_input, output=output, own_loss=own_loss, stash=stash,
+                                             real=real, labels=labels) if self.delayed_grad in KEEPS_GRAPH
+                             else DelayedGradient(due, stage_input.detach(), real=real, labels=labels))
+
+    def _keeps(self, step: int) -> bool:
+        """Whether the gradient for the output of `step` returns within the epoch."""
+        return self.next is not None and step + self.delay <= self.steps - 1
 
     def keeps_graph(self) -> bool:
-        """Whether this step's forward graph must outlive its backward (`keep` mode)."""
-        return self.next is not None and self.delayed_grad in KEEPS_GRAPH and self.step <= self.steps - 3
+        """Whether this step's forward graph must outlive its backward (`keep`, `fused`)."""
+        return self.delayed_grad in KEEPS_GRAPH and self._keeps(self.step)
 
     def defers_own_term(self) -> bool:
         """Whether this step's own term waits for the returned gradient (`fused` mode)."""
         return self.delayed_grad == "fused" and self.keeps_graph()
 
     def delayed_gradient(self) -> DelayedGradient | None:
-        """The gradient for the output of two steps ago, once it is due."""
-        if not self.grads or self.grads[0][0] > self.step - 2:
+        """The kept batch whose gradient is due this step, with the gradient."""
+        if not self.kept or self.kept[0].due > self.step:
             return None
-        _, pending, kept = self.grads.popleft()
-        kept.grad = pending.wait() if pending is not None else None  # None: settled at a stop
+        kept = self.kept.popleft()
+        if kept.pending is not None:  # None: settled at a stop
+            kept.grad = kept.pending.wait()
         return kept
 
     def end_step(self):
@@ -241,54 +315,80 @@ class NeighbourExchange:
             pending.wait()
         self.step += 1
 
-    def _returns_gradient_of(self, step: int) -> bool:
-        """Whether the real input that stage k+1 got from step `step`'s output earns a
-        returned gradient (the last two steps' would come after the epoch's end)."""
-        return self.delayed_grad != "none" and step <= self.steps - 3
-
     def drain(self):
         """The end of an epoch: complete the last sends (nothing else is in flight then)."""
         for pending in self.sends:
             pending.wait()
         self.start_epoch(self.step)
 
+    # --- a stop inside the epoch --------------------------------------------------------
     def settle(self, input_gradient) -> dict:
-        """A stop after this epoch's step `self.step - 1`: finish the work in flight that
-        can be finished without changing the run and return what a resume needs (module
-        docstring). `input_gradient(real, labels)`: this stage's gradient of its real-input
-        term with respect to `real`, as the next step would compute it. Stage k+1 sends
-        before stage k waits, so a middle stage (both roles) cannot deadlock."""
-        state: dict = {"real": None, "delayed": []}
-        if self.real is not None:
-            real = self.real.wait()
-            returned = self._returns_gradient_of(self.step - 1)
-            if returned:
-                self.sends.append(self.comm.isend(input_gradient(real, self.labels), self.prev,
-                                                  what="isend boundary gradient (stop)"))
-            state["real"] = {"tensor": real, "labels": self.labels, "returned": returned}
-        for step, pending, kept in self.grads:
-            kept.grad = pending.wait()
-            if kept.stage_input is not None:  # replay: it runs at the weights of its due step
-                state["delayed"].append({"step": step, "grad": kept.grad, "stage_input": kept.stage_input})
-                continue
-            torch.autograd.backward(*kept.roots(self.modules[0]))
-            state["delayed"].append({"step": step, "parameter_grads": kept.stash.gradients()})
+        """A stop after this epoch's step `self.step - 1`: settle the work in flight and
+        return what a resume needs (module docstring). `input_gradient(real, labels)`: this
+        stage's gradient of its real-input term with respect to `real`, as the next step
+        would compute it (used with the AuxNet only)."""
+        state = self._save_chained() if self.chained else self._settle_two_step(input_gradient)
         for pending in self.sends:
             pending.wait()
         self.start_epoch(self.step)
         return state
 
+    def _settle_two_step(self, input_gradient) -> dict:
+        """With the AuxNet: finish both pending gradients now. Stage k+1 sends before
+        stage k waits, so a middle stage (both roles) cannot deadlock."""
+        state: dict = {"real": None, "labels": list(self.recent_labels), "delayed": []}
+        if self.real is not None:
+            real = self.real.wait()
+            returned = self._returns_gradient_of(self.step - 1)
+            if returned:
+                self.sends.append(self.comm.isend(input_gradient(real, self.recent_labels[0]), self.prev,
+                                                  what="isend boundary gradient (stop)"))
+            state["real"] = {"tensor": real, "returned": returned}
+        for kept in self.kept:
+            pending = kept.pending or self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
+                                                      what="irecv boundary gradient (stop)")
+            kept.grad = pending.wait()
+            if kept.output is None:  # replay: it runs at the weights of its due step
+                state["delayed"].append({"due": kept.due, "grad": kept.grad, "stage_input": kept.stage_input})
+                continue
+            torch.autograd.backward(*kept.roots(self.modules[0]))
+            state["delayed"].append({"due": kept.due, "parameter_grads": kept.stash.gradients()})
+        return state
+
+    def _save_chained(self) -> dict:
+        """The chained pipeline: save what arrived and what rebuilds each kept graph."""
+        state: dict = {"real": None, "labels": list(self.recent_labels), "kept": []}
+        if self.real is not None:
+            state["real"] = {"tensor": self.real.wait(), "returned": False}
+        for kept in self.kept:
+            state["kept"].append({
+                "due": kept.due, "grad": kept.pending.wait() if kept.pending is not None else None,
+                "stage_input": kept.stage_input.detach(), "labels": kept.labels,
+                "origin": kept.real.origin if kept.real is not None else None,
+                "weights": kept.stash.saved() if kept.stash is not None else None})
+        return state
+
     def _restore(self, state: dict):
         def ready(tensor):  # a message that arrived before the save
             return Pending(self.comm, None, "restored", [], tensor.to(self.device))
+        self.recent_labels.extend(labels.to(self.device) for labels in state["labels"])
         if state["real"] is not None:
-            self.real, self.labels = ready(state["real"]["tensor"]), state["real"]["labels"].to(self.device)
-            self.real_returned = state["real"]["returned"]
-        for item in state["delayed"]:
+            self.real, self.real_returned = ready(state["real"]["tensor"]), state["real"]["returned"]
+        for item in state.get("kept", []):
+            grad = ready(item["grad"]) if item["grad"] is not None else None
+            labels = item["labels"].to(self.device) if item["labels"] is not None else None
+            stage_input = item["stage_input"].to(self.device)
+            real = RealInput(stage_input.requires_grad_(), labels, item["origin"]) if item["origin"] is not None \
+                else None
+            stash = WeightStash.restored(self.modules, item["weights"], self.device) \
+                if item["weights"] is not None else None
+            self.kept.append(DelayedGradient(item["due"], stage_input, stash=stash, real=real, labels=labels,
+                                             pending=grad))
+        for item in state.get("delayed", []):
             if "stage_input" in item:
-                kept = DelayedGradient(None, stage_input=item["stage_input"].to(self.device))
-                self.grads.append((item["step"], ready(item["grad"]), kept))
+                self.kept.append(DelayedGradient(item["due"], item["stage_input"].to(self.device),
+                                                 pending=ready(item["grad"])))
             else:
                 grads = [{n: g.to(self.device) for n, g in named.items()} if named is not None else None
                          for named in item["parameter_grads"]]
-                self.grads.append((item["step"], None, DelayedGradient(None, stash=SettledGradients(self.modules, grads))))
+                self.kept.append(DelayedGradient(item["due"], None, stash=SettledGradients(self.modules, grads)))

@@ -3,6 +3,8 @@ alone, so that every rank (and the one-process twin in hpcaux.train.lp.joint) bu
 same initial weights without communicating."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from hpcaux.config import Config
@@ -27,3 +29,16 @@ def build_auxnet(cfg: Config, shapes, image_shape) -> AuxNet:
 def aux_buffers(auxnet: AuxNet) -> list[torch.Tensor]:
     """Floating-point BatchNorm buffers (running mean/var), averaged with the weights."""
     return [b for b in auxnet.buffers() if b.is_floating_point()]
+
+
+@contextmanager
+def running_statistics_kept(*modules):
+    """Put the modules' buffers (BatchNorm's running statistics) back as they were after
+    the block: for a forward that repeats one already counted, or one made ahead of its step."""
+    saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

@@ -26,7 +26,7 @@ from hpcaux.config import Config
 from hpcaux.store.names import lambda_name, z_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
 from hpcaux.train.lp.exchange import NeighbourExchange, WeightStash
-from hpcaux.train.lp.modules import aux_buffers
+from hpcaux.train.lp.modules import aux_buffers, running_statistics_kept
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
@@ -70,11 +70,13 @@ class LayerParallelStep:
         return {"multiplier": SampleStats(), "z": SampleStats()}
 
     # --- 1. inputs ----------------------------------------------------------------------
-    def inputs(self, x, idx, with_input: bool = True):
+    def inputs(self, x, idx, real=None, with_input: bool = True):
         """(stage input, target, AuxNet outputs to back-propagate into) for a batch;
-        `with_input=False` skips the input head (a stage that trains on a real input only)."""
-        if self.cfg.lp.aux_source == "none":  # only the first stage has an input of its own
-            return (x if self.in_boundary is None else None), None, {}
+        `with_input=False` skips the input head (a stage that trains on a real input only).
+        Without an AuxNet a later stage's input is the real one, `real` (None until the
+        pipeline reaches it)."""
+        if self.cfg.lp.aux_source == "none":
+            return (x if self.in_boundary is None else real.tensor if real is not None else None), None, {}
         if self.auxnet is None:
             def stored(b):
                 return self.store.read_rows(z_name(b), idx).to(self.device).requires_grad_()
@@ -95,34 +97,36 @@ class LayerParallelStep:
         """Forward, backward and the step's communication; leaves synchronised .grad.
 
         With the neighbour exchange (lp.real_inputs), stage k also trains on stage k-1's
-        real output of the previous batch, returns its gradient, sends its own output on,
-        and back-propagates the gradient stage k+1 returned for its output of two steps ago."""
+        real output of the previous step, sends its own output on, back-propagates the
+        gradient stage k+1 returned for an earlier output, and returns its input gradient
+        (without an AuxNet the real input is the stage's only one: exchange.py)."""
         t0 = time.perf_counter()
         exchange, lp = self.exchange, self.cfg.lp
-        real = exchange.real_input(y) if exchange else None
-        primary = not (real is not None and lp.real_inputs == "only" and self.layout.is_last)
+        real = exchange.begin_step(y) if exchange else None
+        chained = exchange is not None and exchange.chained
+        beside = real is not None and not chained  # a real input besides (or instead of) the AuxNet's
+        primary = not (beside and lp.real_inputs == "only" and self.layout.is_last)
         t_wait = time.perf_counter() - t0
-        inp, target, preds = self.inputs(x, idx, with_input=primary)
+        inp, target, preds = self.inputs(x, idx, real, with_input=primary)
+        labels = real.labels if chained and real is not None else y
         t1 = time.perf_counter()
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
         terms, out = [], None
-        stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt, steps_ahead=lp.weight_prediction) \
+        stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
+                            steps_ahead=lp.weight_prediction * exchange.delay // 2) \
             if exchange and exchange.keeps_graph() else None
-        primary = primary and inp is not None  # aux_source none: the last stage waits for its first real input
+        primary = primary and inp is not None  # aux_source none: a later stage waits for its first real input
         if primary:
             out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, inp)
-            head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
-            with self.precision.autocast():
-                terms.append(stage_term(out, target, y, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
-                                        local_head=head, local_weight=lp.local_cls_weight,
-                                        pull_stage=lp.consistency == "mutual", criterion=self.criterion))
-        if real is not None:
+            terms.append(self._own_term(out, target, labels, rho, multiplier, stash))
+        if beside:
             terms.append(self._real_term(real.tensor, real.labels))
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         self.stop_vote.loss_finite = torch.isfinite(total.detach())  # read with the vote, not now
         self.stage_opt.zero_grad(set_to_none=True)
-        tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash)
+        tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash,
+                                            real if chained else None, labels)
         delayed = self._add_delayed(tensors, grads)
         if tensors:
             torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
@@ -130,7 +134,7 @@ class LayerParallelStep:
             if used:
                 used.move_gradients()
         if exchange:
-            exchange.return_gradient(real)
+            exchange.return_gradient(real, delayed)
         t2 = time.perf_counter()
         if self.auxnet is not None:
             self.aux_opt.zero_grad(set_to_none=True)
@@ -145,7 +149,18 @@ class LayerParallelStep:
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier,
                            {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3 + t_wait})
 
-    def _backward_now(self, terms, total, target, primary: bool, out, inp, stash) -> tuple[list, list]:
+    def _own_term(self, out, target, labels, rho: float, multiplier, stash) -> StageTerm:
+        """The stage's own term of a batch from its output (one function for the step and
+        for a kept graph's `rebuild`); the local head runs on the stash's weights when the
+        graph is kept."""
+        head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
+        lp = self.cfg.lp
+        with self.precision.autocast():
+            return stage_term(out, target, labels, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
+                              local_head=head, local_weight=lp.local_cls_weight, pull_stage=lp.consistency == "mutual",
+                              criterion=self.criterion)
+
+    def _backward_now(self, terms, total, target, primary: bool, out, inp, stash, real, labels) -> tuple[list, list]:
         """Send this step's output on and say what goes back through the stage now.
 
         Normally that is every term of the step. With `lp.delayed_grad: fused` the own
@@ -158,7 +173,7 @@ class LayerParallelStep:
         own = terms[0].loss if primary else None
         defer = exchange.defers_own_term()
         if primary:
-            exchange.send_output(out, inp, own_loss=own if defer else None, stash=stash)
+            exchange.send_output(out, inp, own_loss=own if defer else None, stash=stash, real=real, labels=labels)
         now = terms[1:] if defer else terms
         if defer and target is not None:
             torch.autograd.backward(own, inputs=[target], retain_graph=True)
@@ -171,10 +186,20 @@ class LayerParallelStep:
         delayed = self.exchange.delayed_gradient() if self.exchange else None
         if delayed is None or delayed.grad is None:  # None: its gradients were settled at a stop
             return delayed
+        if delayed.needs_rebuild():
+            self._rebuild(delayed)
         more_tensors, more_grads = delayed.roots(lambda h: self.precision.forward(self.stage, h))
         tensors += more_tensors
         grads += more_grads
         return delayed
+
+    def _rebuild(self, delayed):
+        """A kept graph restored from a stop (the chained pipeline, exchange.py): run its
+        forward again on the saved input at the saved weights, as the step that kept it
+        did (the restored stash leaves BatchNorm's running statistics alone)."""
+        delayed.output = self.precision.forward(lambda h: delayed.stash.run(0, h), delayed.stage_input)
+        if self.cfg.lp.delayed_grad == "fused":
+            delayed.own_loss = self._own_term(delayed.output, None, delayed.labels, 0.0, None, delayed.stash).loss
 
     def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> StageTerm:
         """This stage's term on a real input (one function for the step and for a stop's
@@ -188,12 +213,9 @@ class LayerParallelStep:
         """The gradient of this stage's real-input term with respect to `real`, at the
         current weights, as the next step would take it; BatchNorm's running statistics
         are put back, so that step still finds them as they were (the exchange's `settle`)."""
-        buffers = [(b, b.clone()) for m in (self.stage, self.local_head) if m is not None for b in m.buffers()]
         real = real.detach().requires_grad_()
-        grad, = torch.autograd.grad(self._real_term(real, labels).loss, real)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+        with running_statistics_kept(self.stage, self.local_head):
+            grad, = torch.autograd.grad(self._real_term(real, labels).loss, real)
         return grad
 
     def _synchronise(self, inp, target, idx, rho: float):

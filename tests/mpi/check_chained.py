@@ -1,0 +1,84 @@
+"""The pipeline without an AuxNet (lp.aux_source=none) at K stages, under mpirun -np K:
+python check_chained.py BACKEND DATA_ROOT RUN_DIR MODE   (MODE: fused or keep)
+
+Stage k runs batch j at step j+k and applies the gradient for it at step j+k+2(K-1-k).
+So at step s the gradient stage k applies must be that of the last stage's cross-entropy
+on batch j = s-k-2(K-1-k) through the network composed of every stage m at the weights it
+had before step j+m, the step it ran batch j at. That is recomputed here on one process
+from per-step copies of every stage, and compared with what each rank's step left in
+.grad. A stop after the last step checked settles without a hang and saves, per stage,
+one kept graph per step of its delay (test_faults checks that the resume is exact).
+"""
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import make_comm, tiny_config
+from hpcaux.train.layer_parallel import LayerParallelTrainer
+
+backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+comm = make_comm(backend)
+K = comm.size
+cfg = tiny_config(data_root, backend, K, 1, "lp.aux_source=none", "lp.real_inputs=only", f"lp.delayed_grad={mode}",
+                  "lp.local_cls_weight=0", "data.train_subset=512")  # 32 steps: none near the epoch end
+trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
+k, exchange = trainer.layout.stage, trainer.step.exchange
+STEPS = 2 * K + 3  # the first stage applies gradients from step 2(K-1) on
+
+
+def delay(stage: int) -> int:
+    return 2 * (K - 1 - stage)
+
+
+record = {"snapshots": [], "grads": {}, "batches": []}
+exchange.start_epoch(0)
+for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
+    if s == STEPS:
+        break
+    record["batches"].append((x, y))
+    record["snapshots"].append(copy.deepcopy(trainer.stage))  # the weights before step s
+    trainer.step.compute_gradients(x, y, idx, 1.0)
+    grads = [p.grad for p in trainer.stage.parameters()]
+    record["grads"][s] = None if any(g is None for g in grads) else [g.clone() for g in grads]
+    trainer.stage_opt.step()
+    exchange.end_step()
+
+state = exchange.settle(trainer.step.real_input_gradient)  # a stop after step STEPS-1
+due = [item["due"] for item in state["kept"]]
+if k < K - 1:
+    assert due == list(range(STEPS, STEPS + delay(k))), f"stage {k + 1}: kept graphs due at {due}"
+    assert all(item["weights"] is not None for item in state["kept"]), "a kept graph without its weights"
+    assert (state["kept"][0]["grad"] is not None) == (delay(k) > 0), "the gradient due next step did not arrive"
+assert (state["real"] is not None) == (k > 0), f"stage {k + 1}: real input in flight: {state['real'] is not None}"
+torch.save(record, run_dir / f"record_{k}.pt")
+comm.barrier()
+
+if k == 0:
+    records = [torch.load(run_dir / f"record_{m}.pt", weights_only=False) for m in range(K)]
+    batches = records[0]["batches"]
+    checked = 0
+    for stage in range(K):
+        for s in range(STEPS):
+            j = s - stage - delay(stage)
+            got = records[stage]["grads"][s]
+            if j < 0:
+                assert got is None or all(not g.any() for g in got), \
+                    f"stage {stage + 1} has a gradient at step {s}, before any can return"
+                continue
+            nets = [records[m]["snapshots"][j + m] for m in range(K)]
+            for net in nets:
+                net.zero_grad()
+            h = batches[j][0]
+            for m, net in enumerate(nets):
+                h = net(h.detach() if m == stage else h)  # from stage `stage` on
+            F.cross_entropy(h, batches[j][1]).backward()
+            for i, (g, p) in enumerate(zip(got, nets[stage].parameters())):
+                assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6), \
+                    f"stage {stage + 1}, step {s} (batch {j}): parameter {i} differs by {(g - p.grad).abs().max():.3e}"
+            checked += 1
+    print(f"chained pipeline ({mode}, K={K}): {checked} stage gradients equal the delayed composed network's")
+trainer.store.close(comm.barrier)
+comm.finalize()
