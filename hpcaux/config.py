@@ -107,6 +107,7 @@ class LayerParallelConfig:
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
+    microbatches: int = field(default=1, metadata={"min": 1, "help": "the pipeline without an AuxNet (aux_source none): split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch, so stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule; BatchNorm sees micro-batches; docs/algorithm.md)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches)"})
     finetune_schedule: str = field(default="continue", metadata={"choices": ("continue", "restart"), "help": "continue: one learning-rate schedule over both phases, the stage optimisers kept; restart: a fresh optimiser and schedule from lp.finetune_lr (docs/accuracy.md)"})
@@ -271,6 +272,12 @@ def _check_consistency(cfg: Config):
     if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
         raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
                         f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
+    if cfg.lp.microbatches > 1 and cfg.lp.aux_source != "none":
+        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source=none "
+                        "(micro-batches follow each other through the pipeline without an AuxNet)")
+    if cfg.train.batch_size % cfg.lp.microbatches:
+        raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
+                        f"'lp.microbatches' ({cfg.lp.microbatches})")
     if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
         raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
                         "targets the boundary norm keeps them from collapsing, docs/design.md §1)")

@@ -105,7 +105,9 @@ EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=k
              "the K = 2 config, 2 replicas": (K2, 2, 2, ["parallel.D=2", "train.batch_size=16"]),
              "the K = 2 config, weight prediction": (K2, 2, 1, ["lp.weight_prediction=2"]),
              "the K = 2 config, a host read every 5 steps": (K2, 2, 1, ["train.sync_every=5"]),
-             "the pipeline at K = 4": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]"])}
+             "the pipeline at K = 4": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]"]),
+             "the pipeline at K = 4 in 4 micro-batches": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]",
+                                                                    "lp.microbatches=4"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))

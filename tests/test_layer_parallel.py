@@ -51,13 +51,14 @@ def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode
     assert f"exchange ({mode}): real inputs one step late" in out
 
 
-@pytest.mark.parametrize("np,backend,mode", [(3, "torch", "keep"), (4, "mpi4py", "fused")])
-def test_pipeline_without_auxnet_applies_the_gradients_of_the_delayed_composed_network(np, backend, mode, cifar_root,
+@pytest.mark.parametrize("np,backend,mode,M", [(3, "torch", "keep", 1), (4, "mpi4py", "fused", 1),
+                                              (3, "mpi4py", "fused", 4)])
+def test_pipeline_without_auxnet_applies_the_gradients_of_the_delayed_composed_network(np, backend, mode, M, cifar_root,
                                                                                        tmp_path):
     """K > 2 without an AuxNet: every stage on its predecessor's real output, each stage's
-    gradient that of the whole network at the weights each stage ran the batch at."""
-    out = _check_script(np, "check_chained.py", backend, cifar_root, tmp_path, mode)
-    assert f"chained pipeline ({mode}, K={np}):" in out and "equal the delayed composed network's" in out
+    gradient that of the whole network at the weights each stage ran the (micro-)batch at."""
+    out = _check_script(np, "check_chained.py", backend, cifar_root, tmp_path, mode, M)
+    assert f"chained pipeline ({mode}, K={np}, M={M}):" in out and "equal the delayed composed network's" in out
 
 
 def test_pipeline_step_equals_one_process_backprop(cifar_root, tmp_path):

@@ -111,7 +111,9 @@ class LayerParallelTrainer:
         self.run_store = comm.agree(lambda: RunStore(self.store, cfg, lay, self.shapes, self.data.n_train),
                                     "the HDF5 store layout")
         self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
-        exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size, self.steps, device,
+        # With lp.microbatches M the exchange steps once per micro-batch, M times a step.
+        M = cfg.lp.microbatches
+        exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                      cfg.lp.delayed_grad, (self.stage, self.local_head),
                                      chained=cfg.lp.aux_source == "none") \
             if cfg.lp.real_inputs != "none" else None
@@ -191,7 +193,7 @@ class LayerParallelTrainer:
             self.step.epoch_stats = self.step.fresh_stats()
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
             if self.step.exchange:
-                self.step.exchange.start_epoch(loop.step - epoch * steps,
+                self.step.exchange.start_epoch((loop.step - epoch * steps) * cfg.lp.microbatches,
                                                self.resumed_exchange if epoch == self.start_epoch else None)
             totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored", images),
                                     loop.step - epoch * steps)

@@ -1,12 +1,13 @@
 """The pipeline without an AuxNet (lp.aux_source=none) at K stages, under mpirun -np K:
-python check_chained.py BACKEND DATA_ROOT RUN_DIR MODE   (MODE: fused or keep)
+python check_chained.py BACKEND DATA_ROOT RUN_DIR MODE M   (MODE: fused or keep; M: lp.microbatches)
 
-Stage k runs batch j at step j+k and applies the gradient for it at step j+k+2(K-1-k).
-So at step s the gradient stage k applies must be that of the last stage's cross-entropy
-on batch j = s-k-2(K-1-k) through the network composed of every stage m at the weights it
-had before step j+m, the step it ran batch j at. That is recomputed here on one process
-from per-step copies of every stage, and compared with what each rank's step left in
-.grad. A stop after the last step checked settles without a hang and saves, per stage,
+Each step's batch is M micro-batches, each one step u of the exchange (u = M s + m). Stage
+k runs micro-batch j at exchange step j+k and applies the gradient for it at exchange step
+j+k+2(K-1-k). So the gradient stage k holds after step s must be the mean, over the M
+exchange steps u of step s, of the gradient of the last stage's cross-entropy on
+micro-batch j = u-k-2(K-1-k) through the network composed of every stage m at the weights
+of the step that held exchange step j+m. That is recomputed here on one process from
+per-step copies of every stage, and compared with what each rank's step left in .grad. A stop after the last step checked settles without a hang and saves, per stage,
 one kept graph per step of its delay (test_faults checks that the resume is exact).
 """
 import copy
@@ -19,14 +20,14 @@ import torch.nn.functional as F
 from common import make_comm, tiny_config
 from hpcaux.train.layer_parallel import LayerParallelTrainer
 
-backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+backend, data_root, run_dir, mode, M = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 comm = make_comm(backend)
 K = comm.size
 cfg = tiny_config(data_root, backend, K, 1, "lp.aux_source=none", "lp.real_inputs=only", f"lp.delayed_grad={mode}",
-                  "lp.local_cls_weight=0", "data.train_subset=512")  # 32 steps: none near the epoch end
+                  "lp.local_cls_weight=0", "data.train_subset=512", f"lp.microbatches={M}")  # 32 steps: none near the epoch end
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 k, exchange = trainer.layout.stage, trainer.step.exchange
-STEPS = 2 * K + 3  # the first stage applies gradients from step 2(K-1) on
+STEPS = 2 * K + 3  # the first stage applies gradients from exchange step 2(K-1) on
 
 
 def delay(stage: int) -> int:
@@ -44,12 +45,11 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     grads = [p.grad for p in trainer.stage.parameters()]
     record["grads"][s] = None if any(g is None for g in grads) else [g.clone() for g in grads]
     trainer.stage_opt.step()
-    exchange.end_step()
 
 state = exchange.settle(trainer.step.real_input_gradient)  # a stop after step STEPS-1
 due = [item["due"] for item in state["kept"]]
 if k < K - 1:
-    assert due == list(range(STEPS, STEPS + delay(k))), f"stage {k + 1}: kept graphs due at {due}"
+    assert due == list(range(M * STEPS, M * STEPS + delay(k))), f"stage {k + 1}: kept graphs due at {due}"
     assert all(item["weights"] is not None for item in state["kept"]), "a kept graph without its weights"
     assert (state["kept"][0]["grad"] is not None) == (delay(k) > 0), "the gradient due next step did not arrive"
 assert (state["real"] is not None) == (k > 0), f"stage {k + 1}: real input in flight: {state['real'] is not None}"
@@ -58,27 +58,35 @@ comm.barrier()
 
 if k == 0:
     records = [torch.load(run_dir / f"record_{m}.pt", weights_only=False) for m in range(K)]
-    batches = records[0]["batches"]
+    micro = [(x, y) for batch in records[0]["batches"] for x, y in zip(batch[0].chunk(M), batch[1].chunk(M))]
+
+    def micro_gradient(stage: int, j: int) -> list:
+        """Stage `stage`'s gradient of the cross-entropy on micro-batch j, every stage m at
+        the weights of the step that held exchange step j+m."""
+        nets = [records[m]["snapshots"][(j + m) // M] for m in range(K)]
+        for net in nets:
+            net.zero_grad()
+        h = micro[j][0]
+        for m, net in enumerate(nets):
+            h = net(h.detach() if m == stage else h)  # from stage `stage` on
+        F.cross_entropy(h, micro[j][1]).backward()
+        return [p.grad.clone() for p in nets[stage].parameters()]
+
     checked = 0
     for stage in range(K):
         for s in range(STEPS):
-            j = s - stage - delay(stage)
+            due = [j for j in (M * s + m - stage - delay(stage) for m in range(M)) if j >= 0]
             got = records[stage]["grads"][s]
-            if j < 0:
+            if not due:
                 assert got is None or all(not g.any() for g in got), \
                     f"stage {stage + 1} has a gradient at step {s}, before any can return"
                 continue
-            nets = [records[m]["snapshots"][j + m] for m in range(K)]
-            for net in nets:
-                net.zero_grad()
-            h = batches[j][0]
-            for m, net in enumerate(nets):
-                h = net(h.detach() if m == stage else h)  # from stage `stage` on
-            F.cross_entropy(h, batches[j][1]).backward()
-            for i, (g, p) in enumerate(zip(got, nets[stage].parameters())):
-                assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6), \
-                    f"stage {stage + 1}, step {s} (batch {j}): parameter {i} differs by {(g - p.grad).abs().max():.3e}"
+            parts = [micro_gradient(stage, j) for j in due]
+            for i, g in enumerate(got):
+                want = sum(part[i] for part in parts) / M
+                assert torch.allclose(g, want, rtol=1e-4, atol=1e-6), \
+                    f"stage {stage + 1}, step {s} (micro-batches {due}): parameter {i} differs by {(g - want).abs().max():.3e}"
             checked += 1
-    print(f"chained pipeline ({mode}, K={K}): {checked} stage gradients equal the delayed composed network's")
+    print(f"chained pipeline ({mode}, K={K}, M={M}): {checked} stage gradients equal the delayed composed network's")
 trainer.store.close(comm.barrier)
 comm.finalize()

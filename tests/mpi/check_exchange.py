@@ -116,7 +116,6 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     trainer.stage_opt.step()
     if trainer.aux_opt:
         trainer.aux_opt.step()
-    exchange.end_step()
 buffers = [b.clone() for b in stage.buffers()]
 state = exchange.settle(step.real_input_gradient)  # a stop after step STEPS-1, inside the epoch
 assert all(torch.equal(b, saved) for b, saved in zip(stage.buffers(), buffers)), "settling moved BatchNorm statistics"

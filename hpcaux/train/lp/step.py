@@ -41,7 +41,20 @@ class StepOutputs:
     output: torch.Tensor                 # this rank's stage output, detached
     target: torch.Tensor | None          # A_k(x) or z_k the output was pulled towards
     multiplier: torch.Tensor | None      # the batch's AL multipliers before the update
+    inp: torch.Tensor | None = None      # the stage input (stored z: its gradient steps z)
     times: dict = field(default_factory=dict)
+
+    @staticmethod
+    def merged(parts: list["StepOutputs"]) -> "StepOutputs":
+        """One step's outputs from those of its micro-batches (lp.microbatches, without an
+        AuxNet: no target, multiplier or stored input): mean loss and parts, summed times."""
+        def mean(values):
+            return sum(values) / len(values)
+        keys = {k for p in parts for k in p.term.parts}
+        term = StageTerm(mean([p.term.loss for p in parts]), None,
+                         {k: mean([p.term.parts[k] for p in parts if k in p.term.parts]) for k in keys})
+        times = {k: sum(p.times[k] for p in parts) for k in parts[0].times}
+        return StepOutputs(term, parts[-1].output, None, None, None, times)
 
 
 class LayerParallelStep:
@@ -94,7 +107,28 @@ class LayerParallelStep:
 
     # --- 2. + 3. gradients and the step's communication ---------------------------------
     def compute_gradients(self, x, y, idx, rho: float) -> StepOutputs:
-        """Forward, backward and the step's communication; leaves synchronised .grad.
+        """Forward, backward and the step's communication; leaves synchronised .grad. With
+        lp.microbatches M > 1 the batch goes through the pipeline as M micro-batches, each
+        one step of the exchange, and .grad holds the mean of their gradients."""
+        self.stage_opt.zero_grad(set_to_none=True)
+        M = self.cfg.lp.microbatches
+        if M == 1:
+            step = self._micro_step(x, y, idx, rho)
+        else:
+            chunks = zip(x.chunk(M) if x is not None else [None] * M, y.chunk(M), idx.chunk(M))
+            step = StepOutputs.merged([self._micro_step(*chunk, rho) for chunk in chunks])
+            for p in self.stage_params:
+                if p.grad is not None:
+                    p.grad.div_(M)
+        self.stop_vote.loss_finite = torch.isfinite(step.term.loss.detach())  # read with the vote, not now
+        t0 = time.perf_counter()
+        self._synchronise(step.inp, step.target, idx, rho)
+        step.times["comm_s"] += time.perf_counter() - t0
+        return step
+
+    def _micro_step(self, x, y, idx, rho: float) -> StepOutputs:
+        """Forward and backward of one batch (or micro-batch), with the exchange's messages;
+        adds to .grad.
 
         With the neighbour exchange (lp.real_inputs), stage k also trains on stage k-1's
         real output of the previous step, sends its own output on, back-propagates the
@@ -114,7 +148,7 @@ class LayerParallelStep:
             if self.has_multipliers else None
         terms, out = [], None
         stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
-                            steps_ahead=lp.weight_prediction * exchange.delay // 2) \
+                            steps_ahead=lp.weight_prediction * exchange.delay / (2 * lp.microbatches)) \
             if exchange and exchange.keeps_graph() else None
         primary = primary and inp is not None  # aux_source none: a later stage waits for its first real input
         if primary:
@@ -123,8 +157,6 @@ class LayerParallelStep:
         if beside:
             terms.append(self._real_term(real.tensor, real.labels))
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
-        self.stop_vote.loss_finite = torch.isfinite(total.detach())  # read with the vote, not now
-        self.stage_opt.zero_grad(set_to_none=True)
         tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash,
                                             real if chained else None, labels)
         delayed = self._add_delayed(tensors, grads)
@@ -142,12 +174,12 @@ class LayerParallelStep:
                      if b is not None and t is not None and t.grad is not None]
             torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         t3 = time.perf_counter()
-        self._synchronise(inp, target, idx, rho)
-        t4 = time.perf_counter()
+        if exchange:
+            exchange.end_step()
         term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual if terms else None,
                                                            {k: v for t in terms for k, v in t.parts.items()})
-        return StepOutputs(term, out.detach() if out is not None else None, target, multiplier,
-                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t4 - t3 + t_wait})
+        return StepOutputs(term, out.detach() if out is not None else None, target, multiplier, inp,
+                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t_wait})
 
     def _own_term(self, out, target, labels, rho: float, multiplier, stash) -> StageTerm:
         """The stage's own term of a batch from its output (one function for the step and
@@ -289,6 +321,4 @@ class LayerParallelStep:
         times = {**step.times, "step_s": t2 - t0}
         times["stage_s"] += t2 - t1
         gap = relative_gap(step.output, step.target.detach()) if step.target is not None else (0.0, 0.0)
-        if self.exchange:
-            self.exchange.end_step()
         return {"loss": step.term.loss.detach(), **step.term.parts, "gap_num": gap[0], "gap_den": gap[1], **times}
