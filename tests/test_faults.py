@@ -97,6 +97,7 @@ def test_signals_repeated_to_hpcaux_launch_until_mpirun_exits_leave_a_clean_exit
 
 
 K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
+K4 = str(ROOT / "configs" / "cifar10_resnet20_k4.yaml")  # the same, four stages, micro-batches
 EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
              "replay": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=replay"]),
              "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
@@ -106,8 +107,7 @@ EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=k
              "the K = 2 config, weight prediction": (K2, 2, 1, ["lp.weight_prediction=2"]),
              "the K = 2 config, a host read every 5 steps": (K2, 2, 1, ["train.sync_every=5"]),
              "the pipeline at K = 4": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]"]),
-             "the pipeline at K = 4 in 4 micro-batches": (K2, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]",
-                                                                    "lp.microbatches=4"])}
+             "the K = 4 config (8 micro-batches)": (K4, 4, 1, ["parallel.cuts=[3,5,7]"])}
 
 
 @pytest.mark.parametrize("exchange", list(EXCHANGES))

@@ -2,10 +2,11 @@
 
   1. inputs: the AuxNet heads the rank needs (A_{k-1}(x) as its input, A_k(x) as its
      target), the stored z of the batch (aux_source: stored), or only the image for the
-     first stage (aux_source: none, where the last stage trains on real inputs alone);
+     first stage (aux_source: none, where every later stage trains on real inputs alone);
   2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
      input/target gradients back-propagated into the AuxNet (a separate backward, so its
-     cost is measured on its own);
+     cost is measured on its own); without an AuxNet, once per micro-batch
+     (lp.microbatches), the gradients averaged over them;
   3. synchronise: ONE world allreduce of the AuxNet gradients (summed over stages,
      averaged over replicas), the AuxNet BatchNorm buffers (averaged) and the stop vote,
      or, in stored mode, the z gradients of the batch over the replica, or (aux_source:
