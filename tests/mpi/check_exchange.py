@@ -14,7 +14,8 @@ nothing at step 0. Over the first steps of an epoch:
 * a stop in the middle of the epoch settles the exchange without a hang: stage 2 keeps
   stage 1's last output and (with the AuxNet) returns its gradient at once (BatchNorm
   statistics untouched); stage 1 settles its last two batches, or without the AuxNet saves
-  what rebuilds their graphs (test_faults checks that the resume is exact).
+  what rebuilds their graphs (test_faults checks that the resume is exact); so does a
+  second stop one step after resuming from that state.
 """
 import copy
 import sys
@@ -61,7 +62,7 @@ def recording_return(real, delayed):
 
 def recording_delayed():
     delayed = delayed_gradient()
-    record["applied"][exchange.step] = None if delayed is None else delayed.grad.clone()
+    record["applied"][exchange.step] = None if delayed is None or delayed.grad is None else delayed.grad.clone()
     return delayed
 
 
@@ -97,6 +98,7 @@ exchange.start_epoch(first)
 snapshots, batches = {}, []
 for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     if s == STEPS:
+        after_stop = (x, y, idx)
         break
     batches.append((x, y))
     if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
@@ -127,6 +129,16 @@ else:
     assert state["real"] is None and [d["due"] for d in pending] == [STEPS, STEPS + 1], state
     kind = "stage_input" if mode == "replay" else "weights" if mode == "auxless" else "parameter_grads"
     assert all(d.get(kind) is not None for d in pending), pending
+
+# A second stop one step after the resume: what the first stop left for step STEPS+1 is
+# saved again beside what step STEPS kept, without a hang.
+exchange.start_epoch(STEPS, state)
+step.compute_gradients(*after_stop, rho)
+trainer.stage_opt.step()
+again = exchange.settle(step.real_input_gradient)
+if not trainer.layout.is_last:
+    pending = again["kept"] if mode == "auxless" else again["delayed"]
+    assert [d["due"] for d in pending] == [STEPS + 1, STEPS + 2], again
 
 torch.save({k: v for k, v in record.items()}, run_dir / f"record_{comm.rank}.pt")
 comm.barrier()

@@ -345,6 +345,9 @@ class NeighbourExchange:
                                                   what="isend boundary gradient (stop)"))
             state["real"] = {"tensor": real, "returned": returned}
         for kept in self.kept:
+            if isinstance(kept.stash, SettledGradients):  # settled at the last stop, not yet due
+                state["delayed"].append({"due": kept.due, "parameter_grads": kept.stash.saved})
+                continue
             pending = kept.pending or self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
                                                       what="irecv boundary gradient (stop)")
             kept.grad = pending.wait()
