@@ -34,7 +34,8 @@ def aux_buffers(auxnet: AuxNet) -> list[torch.Tensor]:
 @contextmanager
 def running_statistics_kept(*modules):
     """Put the modules' buffers (BatchNorm's running statistics) back as they were after
-    the block: for a forward that repeats one already counted, or one made ahead of its step."""
+    the block: for a forward made ahead of its step (the exchange's settle), which the step
+    itself will count."""
     saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
     try:
         yield
