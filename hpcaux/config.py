@@ -105,6 +105,7 @@ class LayerParallelConfig:
     boundary_norm: bool = field(default=True, metadata={"help": "a layer norm without parameters at the end of every non-last stage, so the AuxNet's target cannot shrink to zero (docs/design.md §1); false (aux_source none only) composes the stages into exactly the serial network"})
     local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
+    real_source: str = field(default="exchange", metadata={"choices": ("exchange", "store"), "help": "where lp.real_inputs come from: exchange (stage k's output of the previous step, sent point to point) or store (stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs store.mode mpio and lp.delayed_grad none; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
     microbatches: int = field(default=1, metadata={"min": 1, "help": "the pipeline without an AuxNet (aux_source none): split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch, so stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule; BatchNorm sees micro-batches; docs/algorithm.md)"})
@@ -263,6 +264,14 @@ def _check_consistency(cfg: Config):
     if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
         raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
                         "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
+    if cfg.lp.real_source == "store" and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad != "none"
+                                          or cfg.lp.aux_source != "auxnet"):
+        raise UserError("config key 'lp.real_source' is store, which needs lp.real_inputs beside or only, "
+                        "lp.delayed_grad none and lp.aux_source auxnet (a stored output is an epoch old: no gradient "
+                        "goes back, and the AuxNet feeds the first epoch)")
+    if cfg.lp.real_source == "store" and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file "
+                        "(store.mode mpio or auto), not per_rank: stage k+1 reads what stage k writes")
     if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
         raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
                         "(without an AuxNet the last stage trains on stage 1's real output alone)")

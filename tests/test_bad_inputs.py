@@ -92,6 +92,16 @@ CATALOGUE = {
     "weight prediction without a kept forward": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                      "lp.weight_prediction=2"],
                                                  "config key 'lp.weight_prediction' is 2, which needs lp.delayed_grad keep"),
+    "real inputs from the store with a delayed gradient": (1, ["train", "--config", LP, "--out", "{ws}/new",
+                                                               "lp.real_inputs=beside", "lp.real_source=store",
+                                                               "lp.delayed_grad=keep"],
+                                                           "config key 'lp.real_source' is store, which needs "
+                                                           "lp.real_inputs beside or only, lp.delayed_grad none"),
+    "real inputs from the store in per-rank files": (1, ["train", "--config", LP, "--out", "{ws}/new",
+                                                         "lp.real_inputs=beside", "lp.real_source=store",
+                                                         "store.mode=per_rank"],
+                                                     "config key 'lp.real_source' is store, which needs the one shared "
+                                                     "HDF5 file"),
     "config file missing": (1, ["train", "--config", "{ws}/none.yaml", "--out", "{ws}/new"],
                             "config file {ws}/none.yaml does not exist"),
     "config file not YAML": (1, ["train", "--config", "{ws}/bad.yaml", "--out", "{ws}/new"],

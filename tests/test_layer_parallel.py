@@ -51,6 +51,13 @@ def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode
     assert f"exchange ({mode}): real inputs one step late" in out
 
 
+def test_real_inputs_from_the_store_are_the_previous_epochs_outputs(cifar_root, tmp_path):
+    """lp.real_source store: stage 2 trains on what stage 1 wrote to aux.h5 for the same
+    samples one epoch earlier (nothing in the first), in buffers that alternate by epoch."""
+    out = _check_script(2, "check_stored_real.py", installed_backends()[0], cifar_root, tmp_path)
+    assert "stored real inputs: epoch 2 reads epoch 1's outputs; 112 and 112 rows written" in out
+
+
 @pytest.mark.parametrize("np,backend,mode,M", [(3, "torch", "keep", 1), (4, "mpi4py", "fused", 1),
                                               (3, "mpi4py", "fused", 4)])
 def test_pipeline_without_auxnet_applies_the_gradients_of_the_delayed_composed_network(np, backend, mode, M, cifar_root,

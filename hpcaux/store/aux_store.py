@@ -5,6 +5,8 @@ Layout (docs/design.md §4):
     /meta                         attrs: config (YAML), version, K, D, dataset, git sha, mode
     /boundary_{k}/z               (N, C, H, W) stored auxiliary variables  (aux_source: stored)
     /boundary_{k}/lambda          (N, C, H, W) AL multipliers              (multipliers: per_sample)
+    /boundary_{k}/real_{p}        (N, C, H, W) stage k's real outputs,     (real_source: store)
+                                  written in epochs of parity p, NaN where none was
     /boundary_{k}/snapshots/e{E}  AuxNet outputs A_k(x) on a fixed probe set after epoch E
     /metrics/{name}               per-epoch series, first axis = epoch
 
@@ -12,8 +14,8 @@ Two ways to write it, one way to read it:
 
 * `mpio` (h5py built against parallel HDF5 and an MPI launch): every rank opens the one
   file. Creating and resizing datasets is collective, so every rank makes every call.
-  A per-sample array is written by its writers only (z_k by stage k's rank, lambda_k by
-  the replicas of stage k); stage k+1 reads z_k. Each sample is touched once per epoch
+  A per-sample array is written by its writers only (z_k by stage k's rank, lambda_k and
+  real outputs by the replicas of stage k); stage k+1 reads z_k and the real outputs. Each sample is touched once per epoch
   and the file is flushed collectively at every epoch end, which makes the writes
   visible (MPI-IO sync-barrier-sync). Metric rows and snapshots are collective writes in
   which the ranks with nothing to write select nothing — a rank that skipped the call
@@ -74,6 +76,7 @@ class ArraySpec:
     chunks: tuple | None = None
     growable: bool = False  # metric series grow along the epoch axis
     wide: bool = False      # ... and along axis 1 (per-rank series: a resume may change the world size)
+    fill: float = 0.0       # what a row holds before it is written (NaN: "nothing recorded")
 
 
 def contiguous_runs(sorted_idx: np.ndarray):
@@ -148,10 +151,9 @@ class AuxStore:
         maxshape = None
         if spec.growable:
             maxshape = (None, None, *spec.shape[2:]) if spec.wide else (None, *spec.shape[1:])
-        fill = np.nan if spec.growable else 0  # a series shows NaN where nothing was recorded
         with self._collective(f"create {spec.name}"):
             self.file.create_dataset(spec.name, shape=spec.shape, dtype=spec.dtype, chunks=spec.chunks,
-                                     maxshape=maxshape, fillvalue=fill)
+                                     maxshape=maxshape, fillvalue=spec.fill)
 
     def _file_name(self) -> str:
         return str(self.file.filename)
@@ -229,7 +231,8 @@ class AuxStore:
 
     def declare_series(self, name: str, width: tuple, owner: int = 0, wide: bool = False):
         self.declare(ArraySpec(series_name(name), (0, *width), "f8", owner, (owner,),
-                               chunks=(64, *width) if width else (64,), growable=True, wide=wide))
+                               chunks=(64, *width) if width else (64,), growable=True, wide=wide,
+                               fill=np.nan))  # a series shows NaN where nothing was recorded
 
     # --- durability ---------------------------------------------------------------------------
     def flush(self, barrier=None):
@@ -292,15 +295,22 @@ def _collective_rows_write(ds, start: int, data: np.ndarray | None):
     ds.id.write(mspace, fspace, data, dxpl=dxpl)
 
 
-def open_store_for_run(run_dir: Path, comm, requested: str, resume: bool = False) -> AuxStore:
-    """The store in the mode the config asks for (`auto`: mpio where it can work)."""
-    mpi_comm = None
-    if requested in ("auto", "mpio"):
-        mpi_comm = _mpi_world()
-    if requested == "mpio" and (mpi_comm is None or not mpio_available()):
+def store_mode(requested: str) -> str:
+    """The mode a run's store will open in (`auto`: mpio where it can work); opens nothing."""
+    if requested == "per_rank":
+        return "per_rank"
+    if _mpi_world() is not None and mpio_available():
+        return "mpio"
+    if requested == "mpio":
         raise UserError("config key 'store.mode' is mpio, but h5py has no parallel HDF5 or the job has no MPI world; "
                         "use store.mode=per_rank")
-    mode = "mpio" if mpi_comm is not None and mpio_available() and requested != "per_rank" else "per_rank"
+    return "per_rank"
+
+
+def open_store_for_run(run_dir: Path, comm, requested: str, resume: bool = False) -> AuxStore:
+    """The store in the mode the config asks for (`store_mode`)."""
+    mode = store_mode(requested)
+    mpi_comm = _mpi_world() if mode == "mpio" else None
     return AuxStore(run_dir, comm.rank, comm.size, mode, mpi_comm, comm.watchdog.guard, resume=resume)
 
 

@@ -27,6 +27,12 @@ def lambda_name(b: int) -> str:
     return f"{boundary_group(b)}/lambda"
 
 
+def real_name(b: int, parity: int) -> str:
+    """Stage b's real output of every training sample (lp.real_source: store), written in
+    the epochs of this parity (0: the 1st, 3rd, ...), read by stage b+1 in the next one."""
+    return f"{boundary_group(b)}/real_{parity}"
+
+
 def snapshots_group(b: int) -> str:
     return f"{boundary_group(b)}/snapshots"
 

@@ -22,7 +22,7 @@ from hpcaux.data.sets import cut_timing_sample, load_data
 from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
 from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
-from hpcaux.store.aux_store import open_store_for_run
+from hpcaux.store.aux_store import open_store_for_run, store_mode
 from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
@@ -33,6 +33,7 @@ from hpcaux.train.lp.modules import build_auxnet, build_local_head
 from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
 from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.lp.store import RunStore, init_stored_z
+from hpcaux.train.lp.stored_real import StoredRealInputs
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.precision import Precision
@@ -56,6 +57,9 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
                         f"got {cfg.lp.delayed_grad} (a middle stage returns its input gradient from the graph it kept)")
     if cfg.lp.aux_source == "stored" and lay.D > 1:
         raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
+    if cfg.lp.real_source == "store" and store_mode(cfg.store.mode) != "mpio":
+        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
+                        "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
     if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
         raise UserError("config key 'lp.multipliers' per_sample with parallel.D > 1 needs store.mode mpio "
                         "(the replicas of a stage share one multiplier array)")
@@ -99,9 +103,10 @@ class LayerParallelTrainer:
         self.stage_opt = make_optimizer(stage_params, cfg.optim)
         self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
         self.resumed_exchange = None
+        exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
             comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
-            if cfg.lp.real_inputs != "none":
+            if exchanges:
                 self.resumed_exchange = comm.agree(lambda: restore_exchange(self, self.resume_from, manifest),
                                                    "restoring the neighbour exchange")
         if create_run is not None:
@@ -116,12 +121,14 @@ class LayerParallelTrainer:
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                      cfg.lp.delayed_grad, (self.stage, self.local_head),
                                      chained=cfg.lp.aux_source == "none") \
-            if cfg.lp.real_inputs != "none" else None
+            if exchanges else None
+        stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
+            if cfg.lp.real_source == "store" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
                                       auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
                                       store=self.store, shapes=self.shapes, stage_group=stage_group,
                                       replica_group=replica_group, stop_vote=self.stop_vote, precision=precision,
-                                      exchange=exchange)
+                                      exchange=exchange, stored_real=stored_real)
         if cfg.lp.aux_source == "stored" and not resume:
             wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
             init_stored_z(self.store, stages, wanted, self.data, cfg.train.eval_batch_size, device, comm.barrier)
@@ -192,6 +199,8 @@ class LayerParallelTrainer:
             rho = rho_at_epoch(cfg.lp, epoch)
             self.step.epoch_stats = self.step.fresh_stats()
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
+            if self.step.stored_real:
+                self.step.stored_real.start_epoch(epoch)
             if self.step.exchange:
                 self.step.exchange.start_epoch((loop.step - epoch * steps) * cfg.lp.microbatches,
                                                self.resumed_exchange if epoch == self.start_epoch else None)

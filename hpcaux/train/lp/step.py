@@ -3,6 +3,8 @@
   1. inputs: the AuxNet heads the rank needs (A_{k-1}(x) as its input, A_k(x) as its
      target), the stored z of the batch (aux_source: stored), or only the image for the
      first stage (aux_source: none, where every later stage trains on real inputs alone);
+     with lp.real_inputs, stage k-1's real output of the batch, from the neighbour
+     exchange or (lp.real_source: store) from last epoch's rows in the store;
   2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
      input/target gradients back-propagated into the AuxNet (a separate backward, so its
      cost is measured on its own); without an AuxNet, once per micro-batch
@@ -29,6 +31,7 @@ from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relati
 from hpcaux.train.lp.exchange import NeighbourExchange, WeightStash
 from hpcaux.train.lp.modules import aux_buffers, running_statistics_kept
 from hpcaux.train.lp.store import SampleStats
+from hpcaux.train.lp.stored_real import StoredRealInputs
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
 from hpcaux.train.run.precision import Precision
@@ -63,12 +66,13 @@ class LayerParallelStep:
 
     def __init__(self, cfg: Config, layout: Layout, comm: Comm, device, *, stage, local_head, auxnet,
                  stage_opt, aux_opt, store, shapes, stage_group, replica_group, stop_vote: StopVote,
-                 precision: Precision, exchange: NeighbourExchange | None = None):
+                 precision: Precision, exchange: NeighbourExchange | None = None,
+                 stored_real: StoredRealInputs | None = None):
         self.cfg, self.layout, self.comm, self.device, self.precision = cfg, layout, comm, device, precision
         self.stage, self.local_head, self.auxnet = stage, local_head, auxnet
         self.stage_opt, self.aux_opt, self.store, self.shapes = stage_opt, aux_opt, store, shapes
         self.stage_group, self.replica_group, self.stop_vote = stage_group, replica_group, stop_vote
-        self.exchange = exchange
+        self.exchange, self.stored_real = exchange, stored_real
         self.criterion = make_criterion(cfg.optim)
         self.stage_params = list(stage.parameters()) + (list(local_head.parameters()) if local_head else [])
         s = layout.stage
@@ -134,10 +138,12 @@ class LayerParallelStep:
         With the neighbour exchange (lp.real_inputs), stage k also trains on stage k-1's
         real output of the previous step, sends its own output on, back-propagates the
         gradient stage k+1 returned for an earlier output, and returns its input gradient
-        (without an AuxNet the real input is the stage's only one: exchange.py)."""
+        (without an AuxNet the real input is the stage's only one: exchange.py). With
+        lp.real_source store the real input is stage k-1's output of last epoch, read from
+        the store, and this stage's real output is written there (stored_real.py)."""
         t0 = time.perf_counter()
         exchange, lp = self.exchange, self.cfg.lp
-        real = exchange.begin_step(y) if exchange else None
+        real = exchange.begin_step(y) if exchange else self.stored_real.read(idx, y) if self.stored_real else None
         chained = exchange is not None and exchange.chained
         beside = real is not None and not chained  # a real input besides (or instead of) the AuxNet's
         primary = not (beside and lp.real_inputs == "only" and self.layout.is_last)
@@ -147,7 +153,7 @@ class LayerParallelStep:
         t1 = time.perf_counter()
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
-        terms, out = [], None
+        terms, out, real_out = [], None, None
         stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
                             steps_ahead=lp.weight_prediction * exchange.delay / (2 * lp.microbatches)) \
             if exchange and exchange.keeps_graph() else None
@@ -156,7 +162,8 @@ class LayerParallelStep:
             out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, inp)
             terms.append(self._own_term(out, target, labels, rho, multiplier, stash))
         if beside:
-            terms.append(self._real_term(real.tensor, real.labels))
+            real_term, real_out = self._real_term(real.tensor, real.labels)
+            terms.append(real_term)
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash,
                                             real if chained else None, labels)
@@ -177,10 +184,21 @@ class LayerParallelStep:
         t3 = time.perf_counter()
         if exchange:
             exchange.end_step()
+        if self.stored_real:
+            self._store_real_output(idx, out, real, real_out)
+        t_comm = t_wait + time.perf_counter() - t3
         term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual if terms else None,
                                                            {k: v for t in terms for k, v in t.parts.items()})
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier, inp,
-                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t_wait})
+                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t_comm})
+
+    def _store_real_output(self, idx, out, real, real_out):
+        """This stage's real output for stage k+1's next epoch: on the image (the first
+        stage), or on the stored real inputs of the batch (a middle stage)."""
+        if self.in_boundary is None:
+            self.stored_real.write(idx, out)
+        elif real is not None:
+            self.stored_real.write(real.rows, real_out)
 
     def _own_term(self, out, target, labels, rho: float, multiplier, stash) -> StageTerm:
         """The stage's own term of a batch from its output (one function for the step and
@@ -234,13 +252,13 @@ class LayerParallelStep:
         if self.cfg.lp.delayed_grad == "fused":
             delayed.own_loss = self._own_term(delayed.output, None, delayed.labels, 0.0, None, delayed.stash).loss
 
-    def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> StageTerm:
-        """This stage's term on a real input (one function for the step and for a stop's
-        `real_input_gradient`, which must take the same gradient)."""
+    def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> tuple[StageTerm, torch.Tensor]:
+        """This stage's term on a real input, and its output (one function for the step and
+        for a stop's `real_input_gradient`, which must take the same gradient)."""
         out = self.precision.forward(self.stage, real)
         with self.precision.autocast():
             return real_input_term(out, labels, is_last=self.layout.is_last, local_head=self.local_head,
-                                   local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion)
+                                   local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion), out
 
     def real_input_gradient(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The gradient of this stage's real-input term with respect to `real`, at the
@@ -248,7 +266,7 @@ class LayerParallelStep:
         are put back, so that step still finds them as they were (the exchange's `settle`)."""
         real = real.detach().requires_grad_()
         with running_statistics_kept(self.stage, self.local_head):
-            grad, = torch.autograd.grad(self._real_term(real, labels).loss, real)
+            grad, = torch.autograd.grad(self._real_term(real, labels)[0].loss, real)
         return grad
 
     def _synchronise(self, inp, target, idx, rho: float):

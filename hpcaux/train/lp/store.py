@@ -1,8 +1,8 @@
 """What a layer-parallel run keeps in RUN/aux.h5, and who owns each piece.
 
-z_k (stored auxiliary variables) and lambda_k (AL multipliers) belong to boundary k,
-whose owner is stage k's rank in replica 0; snapshots of AuxNet head k are written by
-that rank too. Metric series are written by rank 0, which holds the gathered values.
+z_k (stored auxiliary variables), lambda_k (AL multipliers) and stage k's real outputs
+(lp.real_source: store) belong to boundary k, whose owner is stage k's rank in replica 0;
+snapshots of AuxNet head k are written by that rank too. Metric series are written by rank 0, which holds the gathered values.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from hpcaux import __version__
 from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
 from hpcaux.store.names import (SERIES, SERIES_PER_BOUNDARY, SERIES_PER_RANK, SERIES_PER_STAGE, SERIES_SCALAR,
-                                lambda_name, series_name, snapshot_name, z_name)
+                                lambda_name, real_name, series_name, snapshot_name, z_name)
 
 class RunStore:
     """The trainer's view of the store: declares its datasets, records epochs."""
@@ -28,6 +28,12 @@ class RunStore:
             if cfg.lp.aux_source == "stored":
                 store.declare(ArraySpec(z_name(b), (n_train, *shapes[b]), dtype, owner,
                                         holders=(owner, layout.rank_of(b + 1, 0)), writers=(owner,), chunks=chunk))
+            if cfg.lp.real_source == "store":
+                replicas = tuple(layout.stage_ranks(b))
+                readers = tuple(layout.stage_ranks(b + 1))
+                for parity in (0, 1):
+                    store.declare(ArraySpec(real_name(b, parity), (n_train, *shapes[b]), dtype, owner,
+                                            holders=replicas + readers, writers=replicas, chunks=chunk, fill=np.nan))
             if cfg.lp.multipliers == "per_sample":
                 replicas = tuple(layout.stage_ranks(b))
                 store.declare(ArraySpec(lambda_name(b), (n_train, *shapes[b]), dtype, owner,
