@@ -15,9 +15,10 @@ Two ways to write it, one way to read it:
 * `mpio` (h5py built against parallel HDF5 and an MPI launch): every rank opens the one
   file. Creating and resizing datasets is collective, so every rank makes every call.
   A per-sample array is written by its writers only (z_k by stage k's rank, lambda_k and
-  real outputs by the replicas of stage k); stage k+1 reads z_k and the real outputs. Each sample is touched once per epoch
-  and the file is flushed collectively at every epoch end, which makes the writes
-  visible (MPI-IO sync-barrier-sync). Metric rows and snapshots are collective writes in
+  real outputs by the replicas of stage k); stage k+1 reads z_k and the real outputs.
+  Each sample is touched once per epoch (a real-output buffer is read in the epoch after
+  the one that wrote it), and the file is flushed collectively at every epoch end, which
+  makes the writes visible (MPI-IO sync-barrier-sync). Metric rows and snapshots are collective writes in
   which the ranks with nothing to write select nothing — a rank that skipped the call
   would deadlock the others. (h5py's own zero-length slice write `ds[i:i] = ...` issues
   no H5Dwrite at all and deadlocks the owner; we call H5Dwrite with select_none.)
