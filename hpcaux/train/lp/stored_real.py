@@ -41,14 +41,20 @@ class StoredRealInputs:
 
     def __init__(self, store: AuxStore, in_boundary: int | None, out_boundary: int | None, device):
         self.store, self.in_boundary, self.out_boundary, self.device = store, in_boundary, out_boundary, device
-        self.parity = 0
+        self.epoch = 0
+
+    @property
+    def parity(self) -> int:
+        """The buffer this epoch writes; the other one is read."""
+        return self.epoch % 2
 
     def start_epoch(self, epoch: int):
-        self.parity = epoch % 2
+        self.epoch = epoch
 
     def read(self, idx: torch.Tensor, labels: torch.Tensor) -> StoredRealInput | None:
-        """Stage k-1's outputs of last epoch for these samples (None: none stored yet)."""
-        if self.in_boundary is None:
+        """Stage k-1's outputs of last epoch for these samples (None: none stored yet; in
+        the run's first epoch nothing is, so the rows are not read)."""
+        if self.in_boundary is None or self.epoch == 0:
             return None
         rows = self.store.read_rows(real_name(self.in_boundary, 1 - self.parity), idx)
         stored = torch.isfinite(rows.flatten(1)).all(1)
