@@ -73,7 +73,7 @@ class OptimConfig:
 class ParallelConfig:
     K: int = field(default=1, metadata={"min": 1, "help": "number of stages (ranks per replica)"})
     D: int = field(default=1, metadata={"min": 0, "help": "data-parallel replicas of each stage; 0 = world size / K (the sbatch scripts pass 0)"})
-    balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages"})
+    balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages: time = stage times measured side by side as the job runs them (docs/design.md §6)"})
     cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
     microbatches: int = field(default=4, metadata={"min": 1, "help": "micro-batches per step (method: pipeline, and the layer-parallel fine-tune)"})
 

@@ -253,3 +253,10 @@ def test_training_under_horovodrun_gloo(tmp_path, cifar_root):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == "horovod" and summary["store_mode"] == "per_rank"
     assert (out / "aux.rank1.h5").exists() and '"test_acc"' in proc.stdout
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_partition_is_agreed_and_timed_side_by_side(np):
+    out = _check_script(np, "check_balance.py", installed_backends()[0])
+    for how in ("balanced by time side by side", "balanced by flops", "configured"):
+        assert f"({how}): stages take" in out, out

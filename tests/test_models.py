@@ -6,8 +6,8 @@ from hpcaux.errors import UserError
 from hpcaux.models import build_model
 from hpcaux.models.auxnet import AuxNet
 from hpcaux.models.blocks import BoundaryNorm
-from hpcaux.models.partition import (balanced_cuts, block_flops, block_params, block_times, boundary_shapes,
-                                     choose_cuts, make_stages)
+from hpcaux.models.partition import balanced_cuts, block_flops, block_params, boundary_shapes, make_stages
+from hpcaux.train.run.balance import Partition, refine_cuts
 
 CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn16_4", "wrn28_10"]
 
@@ -52,21 +52,49 @@ def test_balanced_cuts_minimise_the_largest_stage():
         balanced_cuts([1, 1, 1], 4)
 
 
-def test_measured_costs_and_choose_cuts():
+def test_block_flops_count_the_convolutions():
     model = build_model("resnet20", 10)
     x = torch.randn(8, 3, 32, 32)
     flops = block_flops(model, x)
     assert len(flops) == len(model) and all(f > 0 for f in flops)
     # conv 3x3 16->16 at 32x32: 2 convs x 16*16*9*1024 MACs per sample
     assert flops[1] == 8 * 2 * 16 * 16 * 9 * 1024
-    times = block_times(model, x, repeats=2)
-    assert len(times) == len(model) and all(t > 0 for t in times)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cuts = choose_cuts(model, 2, "time", x)
-    assert len(cuts) == 1 and 0 < cuts[0] < len(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "timing changed BN statistics"
-    with pytest.raises(UserError, match="'parallel.K' is 12, larger than the model's 11 blocks"):
-        choose_cuts(model, 12, "params", x)
+    assert len(block_params(model)) == len(model)
+
+
+def _summed(costs):
+    """Stage times as sums of fixed block costs: a deterministic stand-in for a measurement."""
+    calls = []
+
+    def stage_ms(cuts):
+        calls.append(list(cuts))
+        bounds = [0, *cuts, len(costs)]
+        return [float(sum(costs[a:b])) for a, b in zip(bounds, bounds[1:])]
+    return stage_ms, calls
+
+
+def test_refine_cuts_moves_a_cut_while_the_slowest_stage_gets_faster():
+    stage_ms, calls = _summed([5, 1, 1, 1, 1, 1])
+    assert refine_cuts([5], 6, stage_ms) == ([1], [5.0, 5.0])
+    assert calls[0] == [5] and [2] in calls  # it walked there one block at a time
+    stage_ms, _ = _summed([1, 2, 3, 4, 5, 6])
+    assert refine_cuts([1, 2], 6, stage_ms)[0] == balanced_cuts([1, 2, 3, 4, 5, 6], 3) == [3, 5]
+
+
+def test_refine_cuts_keeps_a_cut_that_a_move_improves_only_within_the_noise():
+    stage_ms, _ = _summed([100, 100, 99, 102])
+    assert refine_cuts([2], 4, stage_ms) == ([2], [200.0, 201.0])  # [3] gives 299/102: worse
+    stage_ms, _ = _summed([100, 1, 100, 103])
+    assert refine_cuts([2], 4, stage_ms, noise=0.02)[0] == [2]  # [3] is 201/103 against 203: 1 %
+    assert refine_cuts([2], 4, stage_ms, noise=0.0)[0] == [3]
+
+
+def test_partition_reports_its_imbalance():
+    part = Partition([4], [50.0, 60.0], 32, "configured")
+    assert part.imbalance == pytest.approx(60 / 55 - 1)
+    assert part.describe() == "cuts [4] (configured): stages take 50.0/60.0 ms per 32 images side by side, " \
+                              "imbalance 9.1 %"
+    assert part.summary()["cut_stage_ms"] == [50.0, 60.0]
 
 
 def test_boundary_norm_and_auxnet_shapes():

@@ -47,6 +47,8 @@ def measured_vs_predicted(results: dict) -> list[dict]:
                      "predicted_measured_stages": predicted_speedup(t_serial, max(stages), t_aux, t_comm),
                      "measured": rec["samples_per_s"] / ref["samples_per_s"],
                      "imbalance_ms": max(stages) - sum(stages) / len(stages),
+                     "imbalance_trained": max(stages) / (sum(stages) / len(stages)) - 1,
+                     "cuts": rec.get("cuts"), "imbalance_timed": rec.get("cut_imbalance"),
                      "contention_ms": sum(stages) / len(stages) - t_serial / K})
     return rows
 

@@ -60,13 +60,15 @@ def model_table(results: dict) -> str:
     if not rows:
         return "(no layer-parallel method finished)"
     lines = ["| method | T_serial ms | T_stage ms (ideal T/K) | T_aux ms | T_comm ms | predicted (equal stages) | "
-             "predicted (measured stages) | measured | imbalance ms | contention ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "predicted (measured stages) | measured | imbalance ms | contention ms | cuts | imbalance timed / trained |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        timed = f"{100 * r['imbalance_timed']:.1f} %" if r.get("imbalance_timed") is not None else "–"
         lines.append(f"| {r['method']} | {r['T_serial_ms']:.0f} | {_ms(r['T_stage_ms'])} ({r['ideal_stage_ms']:.0f}) | "
                      f"{r['T_aux_ms']:.0f} | {r['T_comm_ms']:.0f} | {r['predicted_equal_stages']:.2f}× | "
                      f"{r['predicted_measured_stages']:.2f}× | {r['measured']:.2f}× | {r['imbalance_ms']:.0f} | "
-                     f"{r['contention_ms']:.0f} |")
+                     f"{r['contention_ms']:.0f} | {r.get('cuts') or '–'} | "
+                     f"{timed} / {100 * r['imbalance_trained']:.1f} % |")
     return "\n".join(lines)
 
 
@@ -106,6 +108,8 @@ def write_report(results: dict, out: Path, projections: dict | None = None) -> P
             "accuracy (per epoch) first reaches method 1's final held-out accuracy.", "",
             accuracy_table(results), "",
             "## Cost model (docs/design.md §6) against the measurement", "",
+            "Imbalance = slowest stage over the mean stage: timed = what the cut's timing measured side by side "
+            "before training (docs/design.md §6), trained = the stage times of the run.", "",
             model_table(results), ""]
     if projections:
         text += ["## Projection", "", projection_header(projections["rate"], projections["aux_scale"]), "",

@@ -99,7 +99,8 @@ def _measurements(summary: dict, metrics: list[dict], batch: int) -> dict:
             "idle_ms_per_rank": [c - min(comm) for c in comm] if comm else None,
             "peak_mem_mb_per_rank": per_rank["peak_mem_mb"], "wall_s": summary["wall_s"],
             "train_s": summary.get("train_s"), "finetune_s": summary.get("finetune_s"),
-            "aux_fraction_of_stage": summary.get("aux_fraction_of_stage"), "curve": curve}
+            "aux_fraction_of_stage": summary.get("aux_fraction_of_stage"),
+            "cuts": summary.get("cuts"), "cut_imbalance": summary.get("cut_imbalance"), "curve": curve}
 
 
 def machine() -> dict:

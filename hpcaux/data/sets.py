@@ -194,9 +194,10 @@ class ImageFolderData:
         return torch.stack([self.train_plain[int(self.train_idx[i])][0] for i in idx]).to(device)
 
 
-def cut_timing_sample(data: TrainingData, device) -> torch.Tensor:
-    """The images the partition times its blocks on (the first 32 training images)."""
-    return data.normalized_train(torch.arange(min(32, data.n_train)), device)
+def cut_timing_sample(data: TrainingData, device, size: int) -> torch.Tensor:
+    """The images the partition times its stages on: the first `size` training images (a
+    micro-batch of the run, so the timing sees the run's per-step sizes)."""
+    return data.normalized_train(torch.arange(max(1, min(size, data.n_train))), device)
 
 
 def load_data(data_cfg, seed: int) -> TrainingData:

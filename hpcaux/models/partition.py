@@ -4,14 +4,12 @@ A stage is a view of the model's own block modules (no copies), so composing the
 of an unnormalised partition is exactly the unsplit model. For layer-parallel training
 each non-final stage ends in a BoundaryNorm (docs/design.md §1).
 
-Balance matters: the slowest stage sets the step time. The default cost is measured
-forward+backward time per block, because block counts mislead (on a CPU the
-full-resolution blocks of ResNet-20 cost about twice the others, docs/design.md §6).
+Balance matters: the slowest stage sets the step time. The costs here are counts (MACs,
+parameters); the default, stage times measured side by side in the run, is
+hpcaux/train/run/balance.py, because counts mislead (on a CPU the full-resolution blocks
+of ResNet-20 cost about twice the others per MAC, docs/design.md §6).
 """
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 import torch.nn as nn
@@ -77,7 +75,9 @@ def block_params(model: BlockSequence) -> list[float]:
     return [float(sum(p.numel() for p in block.parameters())) for block in model]
 
 
-def _block_inputs(model: BlockSequence, sample: torch.Tensor) -> list[torch.Tensor]:
+def block_inputs(model: BlockSequence, sample: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's input when `sample` runs through the model (no gradients; in training
+    mode this moves BatchNorm statistics)."""
     inputs, x = [], sample
     with torch.no_grad():
         for block in model:
@@ -109,43 +109,7 @@ def count_macs(module: nn.Module, forward) -> float:
 
 def block_flops(model: BlockSequence, sample: torch.Tensor) -> list[float]:
     """Multiply-accumulates of convolutions and linear layers, per block."""
-    return [count_macs(block, lambda b=block, x=x: b(x)) for block, x in zip(model, _block_inputs(model, sample))]
-
-
-def block_times(model: BlockSequence, sample: torch.Tensor, repeats: int = 5) -> list[float]:
-    """Median forward+backward seconds per block on `sample` (training mode)."""
-    times = []
-    for block, x in zip(model, _block_inputs(model, sample)):
-        runs = []
-        for r in range(repeats + 1):
-            inp = x.detach().requires_grad_(True)
-            if inp.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            block(inp).float().sum().backward()
-            if inp.is_cuda:
-                torch.cuda.synchronize()
-            if r:  # the first run warms caches and allocators
-                runs.append(time.perf_counter() - t0)
-        times.append(statistics.median(runs))
-    model.zero_grad(set_to_none=True)
-    return times
-
-
-def choose_cuts(model: BlockSequence, K: int, balance: str, sample: torch.Tensor) -> list[int]:
-    if K > len(model):
-        raise UserError(f"config key 'parallel.K' is {K}, larger than the model's {len(model)} blocks")
-    if K == 1:
-        return []
-    if balance == "params":
-        costs = block_params(model)
-    elif balance == "flops":
-        costs = block_flops(model, sample)
-    else:
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        costs = block_times(model, sample)
-        model.load_state_dict(state)  # timing runs must not move BatchNorm statistics
-    return balanced_cuts(costs, K)
+    return [count_macs(block, lambda b=block, x=x: b(x)) for block, x in zip(model, block_inputs(model, sample))]
 
 
 def boundary_shapes(stages: list[Stage], input_shape: tuple, device="cpu") -> list[tuple]:
@@ -166,17 +130,3 @@ def check_stage_count(K: int, n_blocks: int):
     """K stages need at least K blocks; checked before the world size, which follows from K."""
     if K > n_blocks:
         raise UserError(f"config key 'parallel.K' is {K}, larger than the model's {n_blocks} blocks")
-
-
-def agree_on_cuts(parallel_cfg, comm, model: BlockSequence, sample: torch.Tensor) -> list[int]:
-    """The configured cut points, or balanced ones chosen on rank 0 (timings differ per
-    rank) and broadcast, so every rank cuts the model alike. `comm` is the run's
-    hpcaux.comm.Comm; the checks that can fail run on every rank, before the broadcast."""
-    K, n = parallel_cfg.K, len(model)
-    check_stage_count(K, n)
-    if parallel_cfg.cuts:
-        if parallel_cfg.cuts[-1] >= n:
-            raise UserError(f"config key 'parallel.cuts' {parallel_cfg.cuts} is beyond the model's {n} blocks")
-        return list(parallel_cfg.cuts)
-    cuts = choose_cuts(model, K, parallel_cfg.balance, sample) if comm.rank == 0 else None
-    return comm.broadcast_object(cuts, root=0)

@@ -24,9 +24,10 @@ from hpcaux.config import Config
 from hpcaux.data.sets import cut_timing_sample, load_data
 from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
-from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
+from hpcaux.models.partition import boundary_shapes, check_stage_count, make_stages
 from hpcaux.train.loop import EpochLoop, LrSchedule
 from hpcaux.train.lp.composed import StageChain
+from hpcaux.train.run.balance import agree_on_partition
 from hpcaux.train.run.evaluate import evaluate_model
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion, make_optimizer
@@ -68,6 +69,8 @@ class BaselineTrainer:
         self.comm.agree(lambda: self.create_run() if is_root else None, "creating the run directory")
         log = MetricsLog(self.run_dir, fresh=True) if is_root else None
         progress = Progress(steps * cfg.train.epochs, cfg.train.progress, self.comm.rank)
+        for line in self._start_notes():
+            progress.note(line)
         loop = EpochLoop([self.optimizer], LrSchedule(cfg.optim, steps * cfg.train.epochs, steps), self._timed_step,
                          progress, self.comm.watchdog.context)
         started, train_time = time.perf_counter(), 0.0
@@ -110,6 +113,10 @@ class BaselineTrainer:
 
     def apply(self):
         self.optimizer.step()
+
+    def _start_notes(self) -> list[str]:
+        """Lines for the job log before the first epoch."""
+        return []
 
     def _extra_summary(self) -> dict:
         return {}
@@ -172,7 +179,10 @@ class PipelineTrainer(BaselineTrainer):
         check_stage_count(cfg.parallel.K, block_count(cfg.model.arch))
         self.layout = Layout.for_world(cfg.parallel.K, 1, comm.rank, comm.size)
         super().__init__(cfg, run_dir, comm, device, create_run)
-        self.cuts = agree_on_cuts(cfg.parallel, comm, self.model, cut_timing_sample(self.data, device))
+        sample = cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.parallel.microbatches)
+        self.partition = agree_on_partition(cfg.parallel, comm, self.model, sample, self.layout.stage,
+                                            boundary_norm=False)
+        self.cuts = self.partition.cuts
         stages = make_stages(self.model, self.cuts, boundary_norm=False)
         shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[self.layout.stage]
@@ -200,5 +210,8 @@ class PipelineTrainer(BaselineTrainer):
         self.comm.allreduce([stats], op="sum", what="allreduce held-out accuracy")
         return (stats[0] / stats[1]).item()
 
+    def _start_notes(self):
+        return [self.partition.describe()]
+
     def _extra_summary(self):
-        return {"cuts": self.cuts, "microbatches": self.cfg.parallel.microbatches}
+        return {**self.partition.summary(), "microbatches": self.cfg.parallel.microbatches}

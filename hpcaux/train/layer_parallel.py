@@ -21,7 +21,7 @@ from hpcaux.config import Config
 from hpcaux.data.sets import cut_timing_sample, load_data
 from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
-from hpcaux.models.partition import agree_on_cuts, boundary_shapes, check_stage_count, make_stages
+from hpcaux.models.partition import boundary_shapes, check_stage_count, make_stages
 from hpcaux.store.aux_store import open_store_for_run, store_mode
 from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
@@ -34,6 +34,7 @@ from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_p
 from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.lp.store import RunStore, init_stored_z
 from hpcaux.train.lp.stored_real import StoredRealInputs
+from hpcaux.train.run.balance import agree_on_partition
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.precision import Precision
@@ -85,8 +86,12 @@ class LayerParallelTrainer:
                             f"{self.data.n_test} test images it is drawn from")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
-        self.cuts = manifest["cuts"] if manifest else \
-            agree_on_cuts(cfg.parallel, comm, model, cut_timing_sample(self.data, device))
+        precision = Precision(cfg.train, device)
+        precision.prepare(model)  # the cut is timed in the run's memory format
+        self.partition = agree_on_partition(
+            cfg.parallel, comm, model, cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.lp.microbatches),
+            s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None)
+        self.cuts = self.partition.cuts
         stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
@@ -94,8 +99,7 @@ class LayerParallelTrainer:
             if s < K - 1 and cfg.lp.local_cls_weight > 0 else None
         self.auxnet = build_auxnet(cfg, self.shapes, self.data.image_shape).to(device) \
             if cfg.lp.aux_source == "auxnet" else None
-        precision = Precision(cfg.train, device)
-        precision.prepare(self.stage, self.local_head, self.auxnet)
+        precision.prepare(self.local_head, self.auxnet)
         # Process sets, created by every rank in the same order (Horovod and gloo need that).
         stage_group = [comm.new_group(lay.stage_ranks(k)) for k in range(K)][s]
         replica_group = [comm.new_group(lay.replica_ranks(r)) for r in range(lay.D)][lay.replica]
@@ -178,6 +182,7 @@ class LayerParallelTrainer:
             if self.comm.rank == 0 else None
         progress = Progress(steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
         progress.note(lay.describe_placement(self.hosts))
+        progress.note(self.partition.describe())
         if self.resume_from is not None:
             within = f", step {self.start_step_in_epoch} of epoch {self.start_epoch + 1}" if self.start_step_in_epoch else ""
             progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}{within}")

@@ -46,6 +46,7 @@ weights.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -218,6 +219,7 @@ class NeighbourExchange:
         self.prev_delay = 2 * (K - s) if chained else 2
         self.lag = s if chained else 1
         self.prev_starts = s - 1 if chained else 0
+        self.gradient_wait_s = 0.0  # waiting for returned gradients, since take_gradient_wait
         self.start_epoch(0)
 
     def start_epoch(self, first_step: int, state: dict | None = None):
@@ -305,8 +307,17 @@ class NeighbourExchange:
             return None
         kept = self.kept.popleft()
         if kept.pending is not None:  # None: settled at a stop
+            t0 = time.perf_counter()
             kept.grad = kept.pending.wait()
+            self.gradient_wait_s += time.perf_counter() - t0
         return kept
+
+    def take_gradient_wait(self) -> float:
+        """Seconds spent waiting for returned gradients since the last call. The wait sits
+        inside the backward pass; the step counts it as communication, not stage time,
+        so that the stage times show the stages' imbalance and not their waits."""
+        waited, self.gradient_wait_s = self.gradient_wait_s, 0.0
+        return waited
 
     def end_step(self):
         """Complete the sends of earlier steps (their receivers have posted them long ago)."""

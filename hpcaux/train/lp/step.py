@@ -186,11 +186,13 @@ class LayerParallelStep:
             exchange.end_step()
         if self.stored_real:
             self._store_real_output(idx, out, real, real_out)
-        t_comm = t_wait + time.perf_counter() - t3
+        grad_wait = exchange.take_gradient_wait() if exchange else 0.0  # inside the backward, t1..t2
+        t_comm = t_wait + grad_wait + time.perf_counter() - t3
         term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual if terms else None,
                                                            {k: v for t in terms for k, v in t.parts.items()})
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier, inp,
-                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1, "comm_s": t_comm})
+                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
+                            "comm_s": t_comm})
 
     def _store_real_output(self, idx, out, real, real_out):
         """This stage's real output for stage k+1's next epoch: on the image (the first
