@@ -239,6 +239,16 @@ def test_precision_runs_the_forward_in_bf16_and_channels_last_and_hands_back_flo
     assert seen[-1] == (True, torch.float32) and precision.bf16
 
 
+def test_graphs_in_flight_follow_the_delay_of_the_returned_gradient():
+    from hpcaux.train.lp.exchange import graphs_in_flight
+
+    # the pipeline without an AuxNet: stage k's gradient returns 2 (K-1-k) micro-batches later
+    assert [graphs_in_flight(2, s, True, "fused") for s in range(2)] == [2, 0]
+    assert [graphs_in_flight(4, s, True, "fused") for s in range(4)] == [6, 4, 2, 0]
+    assert [graphs_in_flight(4, s, False, "keep") for s in range(4)] == [2, 2, 2, 0]  # beside an AuxNet
+    assert graphs_in_flight(2, 0, True, "replay") == 0  # replay recomputes its forward
+
+
 def test_time_to_accuracy_is_the_first_epoch_reaching_the_target():
     curve = [[10.0, 0.4], [20.0, 0.61], [30.0, 0.59], [40.0, 0.7]]
     assert time_to_accuracy(curve, 0.6) == 20.0

@@ -180,8 +180,9 @@ class PipelineTrainer(BaselineTrainer):
         self.layout = Layout.for_world(cfg.parallel.K, 1, comm.rank, comm.size)
         super().__init__(cfg, run_dir, comm, device, create_run)
         sample = cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.parallel.microbatches)
+        # GPipe runs every micro-batch's forward before the backwards: M graphs alive at once.
         self.partition = agree_on_partition(cfg.parallel, comm, self.model, sample, self.layout.stage,
-                                            boundary_norm=False)
+                                            boundary_norm=False, in_flight=cfg.parallel.microbatches - 1)
         self.cuts = self.partition.cuts
         stages = make_stages(self.model, self.cuts, boundary_norm=False)
         shapes = boundary_shapes(stages, self.data.image_shape, device)

@@ -26,7 +26,7 @@ from hpcaux.store.aux_store import open_store_for_run, store_mode
 from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
-from hpcaux.train.lp.exchange import NeighbourExchange
+from hpcaux.train.lp.exchange import NeighbourExchange, graphs_in_flight
 from hpcaux.train.lp.finetune import FinetuneStep
 from hpcaux.train.lp.metrics import HeldOutMetrics
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
@@ -86,11 +86,13 @@ class LayerParallelTrainer:
                             f"{self.data.n_test} test images it is drawn from")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
+        exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
         precision = Precision(cfg.train, device)
         precision.prepare(model)  # the cut is timed in the run's memory format
         self.partition = agree_on_partition(
             cfg.parallel, comm, model, cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.lp.microbatches),
-            s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None)
+            s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None,
+            in_flight=graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if exchanges else 0)
         self.cuts = self.partition.cuts
         stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
@@ -107,7 +109,6 @@ class LayerParallelTrainer:
         self.stage_opt = make_optimizer(stage_params, cfg.optim)
         self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
         self.resumed_exchange = None
-        exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
             comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
             if exchanges:

@@ -200,6 +200,17 @@ class DelayedGradient:
 KEEPS_GRAPH = ("keep", "fused")
 
 
+def gradient_delay(K: int, stage: int, chained: bool) -> int:
+    """Exchange steps from stage `stage` sending an output to applying its returned gradient."""
+    return 2 * (K - 1 - stage) if chained else 2
+
+
+def graphs_in_flight(K: int, stage: int, chained: bool, delayed_grad: str) -> int:
+    """How many forward graphs stage `stage` keeps alive while it waits for their
+    gradients (none where the delayed gradient recomputes or is not kept)."""
+    return gradient_delay(K, stage, chained) if delayed_grad in KEEPS_GRAPH and stage < K - 1 else 0
+
+
 class NeighbourExchange:
     def __init__(self, comm: Comm, layout: Layout, shapes: list[tuple], batch_size: int, steps_per_epoch: int,
                  device: torch.device, delayed_grad: str, modules: tuple = (), chained: bool = False):
@@ -215,7 +226,7 @@ class NeighbourExchange:
         # Steps from sending an output to applying its gradient, here and on stage k-1;
         # steps from a batch's draw to its real input's arrival here; the first step at
         # which stage k-1 has an output to send.
-        self.delay = 2 * (K - 1 - s) if chained else 2
+        self.delay = gradient_delay(K, s, chained)
         self.prev_delay = 2 * (K - s) if chained else 2
         self.lag = s if chained else 1
         self.prev_starts = s - 1 if chained else 0

@@ -10,7 +10,10 @@ time` (the default), therefore:
 
 1. Every rank times every block at the same moment, and the model is cut at balanced
    mean block times (partition.balanced_cuts, an exact split).
-2. Every rank times its own stage of that cut, all ranks at once. Then one cut point at a
+2. Every rank times its own stage of that cut, all ranks at once, holding as many
+   forward graphs alive as its stage does in training (a pipeline stage keeps those
+   whose gradients are still on their way: their activations compete for the caches).
+   Then one cut point at a
    time moves by one block, as long as that makes the stages faster by more than the
    timing noise, slowest stage first (a local search from the split of step 1).
 3. The stage times of the chosen cut, and their imbalance, go to the job log and to
@@ -23,6 +26,7 @@ statistics are restored and the gradients are dropped.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import statistics
 import time
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpcaux.errors import UserError
 from hpcaux.models.blocks import BlockSequence
 from hpcaux.models.partition import (balanced_cuts, block_flops, block_inputs, block_params, check_cuts,
                                      check_stage_count, make_stages)
@@ -66,22 +71,26 @@ class Partition:
 
 
 def agree_on_partition(parallel_cfg, comm, model: BlockSequence, sample: torch.Tensor, my_stage: int,
-                       forward=None, boundary_norm: bool = True, cuts: list[int] | None = None) -> Partition:
+                       forward=None, boundary_norm: bool = True, cuts: list[int] | None = None,
+                       in_flight: int = 0) -> Partition:
     """The partition every rank uses, and its stage times side by side.
 
     `cuts` given (a resume's): those. Otherwise the configured `parallel.cuts`, or cuts
     balanced by `parallel.balance`. `comm` is the run's hpcaux.comm.Comm; `my_stage` the
     stage this rank trains; `forward(module, x)` runs a training forward pass as the
-    run does (precision, memory format); `boundary_norm` as the run's stages have it.
+    run does (precision, memory format); `boundary_norm` as the run's stages have it;
+    `in_flight`: the forward graphs this rank's stage keeps alive in training.
     """
     K, n = parallel_cfg.K, len(model)
     check_stage_count(K, n)
     forward = forward or (lambda module, x: module(x))
     with _leaves_no_trace(model):
-        timer = SideBySide(comm, model, sample, my_stage, forward, boundary_norm)
+        timer = SideBySide(comm, model, sample, my_stage, forward, boundary_norm, in_flight)
         if cuts is not None or parallel_cfg.cuts:
             how = "from the checkpoint" if cuts is not None else "configured"
             cuts = list(cuts if cuts is not None else parallel_cfg.cuts)
+            if cuts[-1] >= n:
+                raise UserError(f"config key 'parallel.cuts' {cuts} is beyond the model's {n} blocks")
             check_cuts(n, cuts)
             return Partition(cuts, timer.stage_ms(cuts), len(sample), how)
         if parallel_cfg.balance == "time":
@@ -140,9 +149,10 @@ def _neighbours(cuts: list[int], n_blocks: int) -> list[list[int]]:
 class SideBySide:
     """Forward and backward timings that every rank takes at the same moment."""
 
-    def __init__(self, comm, model: BlockSequence, sample: torch.Tensor, my_stage: int, forward, boundary_norm: bool):
+    def __init__(self, comm, model: BlockSequence, sample: torch.Tensor, my_stage: int, forward, boundary_norm: bool,
+                 in_flight: int = 0):
         self.comm, self.model, self.my_stage = comm, model, my_stage
-        self.forward, self.boundary_norm = forward, boundary_norm
+        self.forward, self.boundary_norm, self.in_flight = forward, boundary_norm, in_flight
         self.inputs = block_inputs(model, sample)
 
     def mean_block_ms(self) -> list[float]:
@@ -157,29 +167,34 @@ class SideBySide:
         several ranks (replicas) train counts at its slowest."""
         stage = make_stages(self.model, cuts, self.boundary_norm)[self.my_stage]
         self.comm.barrier("barrier before timing the stages side by side")
-        ms = self._median_ms(stage, stage.start, WINDOW_S)
+        ms = self._median_ms(stage, stage.start, WINDOW_S, self.in_flight)
         table = self.comm.gather_per_rank({"stage": float(self.my_stage), "ms": ms})
         per_stage = [0.0] * (len(cuts) + 1)
         for s, t in zip(table["stage"].tolist(), table["ms"].tolist()):
             per_stage[int(s)] = max(per_stage[int(s)], t)
         return per_stage
 
-    def _median_ms(self, module, first_block: int, window_s: float) -> float:
-        """Median ms of a training forward and backward pass of `module` on the input of
-        block `first_block`, repeated MIN_RUNS times and for `window_s` (after one warm-up
-        run). The image needs no gradient, as in training."""
+    def _median_ms(self, module, first_block: int, window_s: float, in_flight: int = 0) -> float:
+        """Median ms of a training forward pass of `module` on the input of block
+        `first_block` and a backward pass, the backward of the forward `in_flight` runs
+        earlier; repeated MIN_RUNS times and for `window_s`, after warm-up runs that fill
+        the graphs in flight. The image needs no gradient, as in training."""
         x = self.inputs[first_block]
         device = x.device
+        waiting = collections.deque()
 
         def once():
             inp = x.detach().requires_grad_(first_block > 0)
-            self.forward(module, inp).float().sum().backward()
+            waiting.append(self.forward(module, inp).float().sum())
+            if len(waiting) > in_flight:
+                waiting.popleft().backward()
 
         def synchronize():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
-        once()
+        for _ in range(in_flight + 1):
+            once()
         runs, began = [], time.perf_counter()
         while len(runs) < MIN_RUNS or time.perf_counter() - began < window_s:
             synchronize()
@@ -187,6 +202,7 @@ class SideBySide:
             once()
             synchronize()
             runs.append(1e3 * (time.perf_counter() - t0))
+        waiting.clear()  # their graphs go, unused
         return statistics.median(runs)
 
 
