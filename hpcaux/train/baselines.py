@@ -183,7 +183,6 @@ class PipelineTrainer(BaselineTrainer):
         # GPipe runs every micro-batch's forward before the backwards: M graphs alive at once.
         self.partition = agree_on_partition(cfg.parallel, comm, self.model, sample, self.layout.stage,
                                             boundary_norm=False, in_flight=cfg.parallel.microbatches - 1)
-        self.cuts = self.partition.cuts
         stages = make_stages(self.model, self.cuts, boundary_norm=False)
         shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[self.layout.stage]
@@ -210,6 +209,10 @@ class PipelineTrainer(BaselineTrainer):
         stats = torch.tensor([correct, total], dtype=torch.float64)
         self.comm.allreduce([stats], op="sum", what="allreduce held-out accuracy")
         return (stats[0] / stats[1]).item()
+
+    @property
+    def cuts(self) -> list[int]:
+        return self.partition.cuts
 
     def _start_notes(self):
         return [self.partition.describe()]

@@ -93,7 +93,6 @@ class LayerParallelTrainer:
             cfg.parallel, comm, model, cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.lp.microbatches),
             s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None,
             in_flight=graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if exchanges else 0)
-        self.cuts = self.partition.cuts
         stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
@@ -154,6 +153,10 @@ class LayerParallelTrainer:
         if epoch == self.start_epoch and self.start_step_in_epoch:
             return itertools.islice(batches, self.start_step_in_epoch, None)
         return batches
+
+    @property
+    def cuts(self) -> list[int]:
+        return self.partition.cuts
 
     # --- the run -----------------------------------------------------------------------
     def run(self, max_epochs: int | None = None) -> dict:

@@ -227,7 +227,7 @@ class NeighbourExchange:
         # steps from a batch's draw to its real input's arrival here; the first step at
         # which stage k-1 has an output to send.
         self.delay = gradient_delay(K, s, chained)
-        self.prev_delay = 2 * (K - s) if chained else 2
+        self.prev_delay = gradient_delay(K, s - 1, chained)
         self.lag = s if chained else 1
         self.prev_starts = s - 1 if chained else 0
         self.gradient_wait_s = 0.0  # waiting for returned gradients, since take_gradient_wait

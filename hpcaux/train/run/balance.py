@@ -89,7 +89,7 @@ def agree_on_partition(parallel_cfg, comm, model: BlockSequence, sample: torch.T
         if cuts is not None or parallel_cfg.cuts:
             how = "from the checkpoint" if cuts is not None else "configured"
             cuts = list(cuts if cuts is not None else parallel_cfg.cuts)
-            if cuts[-1] >= n:
+            if cuts and cuts[-1] >= n:
                 raise UserError(f"config key 'parallel.cuts' {cuts} is beyond the model's {n} blocks")
             check_cuts(n, cuts)
             return Partition(cuts, timer.stage_ms(cuts), len(sample), how)
