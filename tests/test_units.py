@@ -260,7 +260,7 @@ def test_weight_prediction_runs_the_kept_forward_where_the_delayed_gradient_land
     """lp.weight_prediction=N: the stash's copies are w - N x lr x momentum buffer, the
     weights N more momentum steps reach; their gradients go to the real parameters. Before
     the first step (no buffer yet) the copies are the weights themselves."""
-    from hpcaux.train.lp.exchange import WeightStash
+    from hpcaux.train.lp.weight_stash import WeightStash
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)

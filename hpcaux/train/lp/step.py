@@ -28,10 +28,11 @@ from hpcaux.comm import Comm
 from hpcaux.config import Config
 from hpcaux.store.names import lambda_name, z_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
-from hpcaux.train.lp.exchange import NeighbourExchange, WeightStash
+from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.modules import aux_buffers, running_statistics_kept
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.lp.stored_real import StoredRealInputs
+from hpcaux.train.lp.weight_stash import WeightStash
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
 from hpcaux.train.run.precision import Precision
