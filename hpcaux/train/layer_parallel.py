@@ -87,12 +87,13 @@ class LayerParallelTrainer:
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
+        chained = cfg.lp.aux_source == "none"  # the pipeline without an AuxNet (exchange.py)
         precision = Precision(cfg.train, device)
         precision.prepare(model)  # the cut is timed in the run's memory format
         self.partition = agree_on_partition(
             cfg.parallel, comm, model, cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.lp.microbatches),
             s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None,
-            in_flight=graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if exchanges else 0)
+            in_flight=graphs_in_flight(K, s, chained, cfg.lp.delayed_grad) if exchanges else 0)
         stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
         self.shapes = boundary_shapes(stages, self.data.image_shape, device)
         self.stage = stages[s]
@@ -124,7 +125,7 @@ class LayerParallelTrainer:
         M = cfg.lp.microbatches
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                      cfg.lp.delayed_grad, (self.stage, self.local_head),
-                                     chained=cfg.lp.aux_source == "none") \
+                                     chained=chained) \
             if exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
             if cfg.lp.real_source == "store" else None

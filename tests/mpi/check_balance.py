@@ -11,6 +11,7 @@ import torch
 from common import make_comm, world_size
 from hpcaux.models import build_model
 from hpcaux.models.partition import balanced_cuts, block_flops
+from hpcaux.train.lp.exchange import graphs_in_flight
 from hpcaux.train.run.balance import agree_on_partition
 
 comm = make_comm(sys.argv[1])
@@ -24,7 +25,7 @@ before = {k: v.clone() for k, v in model.state_dict().items()}
 def partition(balance, cuts=()):
     """The time balance as the default pipeline's stages run: graphs in flight but on the last."""
     return agree_on_partition(SimpleNamespace(K=K, balance=balance, cuts=list(cuts)), comm, model, sample, rank,
-                              in_flight=2 * (K - 1 - rank) if balance == "time" else 0)
+                              in_flight=graphs_in_flight(K, rank, True, "fused") if balance == "time" else 0)
 
 
 for balance in ("time", "flops", "configured"):
