@@ -14,15 +14,18 @@ CIFAR_MODELS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wr
 pytestmark = pytest.mark.quick
 
 
+IMAGENET_MODELS = ["resnet18", "resnet34", "resnet50"]
+
+
 def _input(arch):
     torch.manual_seed(0)
-    return torch.randn(2, 3, 224, 224) if arch == "resnet50" else torch.randn(3, 3, 32, 32)
+    return torch.randn(2, 3, 128, 128) if arch in IMAGENET_MODELS else torch.randn(3, 3, 32, 32)
 
 
-@pytest.mark.parametrize("arch", CIFAR_MODELS + ["resnet50"])
+@pytest.mark.parametrize("arch", CIFAR_MODELS + IMAGENET_MODELS)
 def test_partition_round_trip_is_bit_identical(arch):
     torch.manual_seed(0)
-    model = build_model(arch, 1000 if arch == "resnet50" else 10).eval()
+    model = build_model(arch, 1000 if arch in IMAGENET_MODELS else 10).eval()
     x = _input(arch)
     with torch.no_grad():
         whole = model(x)
@@ -42,6 +45,22 @@ def test_cifar_resnet_depths_and_block_counts():
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
         assert convs + 1 == depth  # 6n+1 convs and the final linear layer
         assert len(model) == (depth - 2) // 2 + 2  # stem, 3n blocks (n = (depth-2)/6), head
+
+
+def test_imagenet_resnets_are_torchvisions_block_by_block():
+    """ResNet-18/34/50 are torchvision's networks: same parameters, same logits, one block
+    per residual block (2+2+2+2, 3+4+6+3, 3+4+6+3) between the stem and the classifier."""
+    from torchvision import models
+
+    for depth, body in ((18, 8), (34, 16), (50, 16)):
+        torch.manual_seed(0)
+        ours = build_model(f"resnet{depth}", 10).eval()
+        reference = getattr(models, f"resnet{depth}")(num_classes=10).eval()
+        reference.load_state_dict(dict(zip(reference.state_dict(), ours.state_dict().values())))
+        assert len(ours) == body + 2
+        x = torch.randn(2, 3, 128, 128)
+        with torch.no_grad():
+            assert torch.equal(ours(x), reference(x)), depth
 
 
 def test_balanced_cuts_minimise_the_largest_stage():

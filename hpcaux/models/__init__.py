@@ -25,17 +25,19 @@ def _wide_resnet(depth: int, width: int) -> Callable[[int], BlockSequence]:
     return build
 
 
-def _imagenet_resnet50(num_classes: int) -> BlockSequence:
-    from hpcaux.models.resnet_imagenet import imagenet_resnet50
-    return imagenet_resnet50(num_classes)
+def _imagenet_resnet(depth: int) -> Callable[[int], BlockSequence]:
+    def build(num_classes: int) -> BlockSequence:
+        from hpcaux.models.resnet_imagenet import imagenet_resnet
+        return imagenet_resnet(depth, num_classes)
+    return build
 
 
 ARCHITECTURES: dict[str, Callable[[int], BlockSequence]] = {
     **{f"resnet{d}": _cifar_resnet(d) for d in (20, 32, 44, 56, 110)},
     "wrn16_4": _wide_resnet(16, 4), "wrn28_10": _wide_resnet(28, 10),
-    "resnet50": _imagenet_resnet50,
+    **{f"resnet{d}": _imagenet_resnet(d) for d in (18, 34, 50)},
 }
-IMAGENET_ARCHITECTURES = ("resnet50",)
+IMAGENET_ARCHITECTURES = ("resnet18", "resnet34", "resnet50")
 
 
 def build_model(arch: str, num_classes: int) -> BlockSequence:

@@ -1,7 +1,10 @@
-"""ImageNet ResNet-50 from torchvision, flattened into hpcaux's block sequence."""
+"""ImageNet ResNet-18, -34 and -50 from torchvision, flattened into hpcaux's block sequence:
+the stem, every residual block of layer1..layer4, and the pooled classifier."""
 import torch.nn as nn
 
 from hpcaux.models.blocks import BlockSequence
+
+IMAGENET_DEPTHS = (18, 34, 50)
 
 
 class FlattenLinear(nn.Module):
@@ -13,10 +16,10 @@ class FlattenLinear(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def imagenet_resnet50(num_classes: int = 1000) -> BlockSequence:
-    from torchvision.models import resnet50  # vision extra; only this model needs it
+def imagenet_resnet(depth: int, num_classes: int = 1000) -> BlockSequence:
+    from torchvision import models  # vision extra; only these models need it
 
-    net = resnet50(num_classes=num_classes)
+    net = getattr(models, f"resnet{depth}")(num_classes=num_classes)
     blocks = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)]
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
         blocks.extend(layer.children())
