@@ -31,9 +31,12 @@ class DataConfig:
     """Where the data set is and how much of it to use."""
     dataset: str = field(default="cifar10", metadata={"choices": DATASETS})
     root: str = field(default="data", metadata={"help": "folder holding cifar-10-batches-py/ (or the ImageNet train/ and val/ folders)"})
-    train_subset: int = field(default=0, metadata={"min": 0, "help": "stratified, seeded subset of the training set; 0 = all"})
+    val_subset: int = field(default=5000, metadata={"min": 0, "help": "training images held out as the validation split (stratified, drawn by data.val_seed, never trained on): the per-epoch metrics, time to accuracy and every choice are measured on it, the test set only at the end; 0 = no split (the per-epoch metrics on the test set)"})
+    val_seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1, "help": "draws the validation split, the same for every run seed"})
+    train_subset: int = field(default=0, metadata={"min": 0, "help": "stratified subset (drawn by the run seed) of the training images outside the validation split; 0 = all of them"})
     test_subset: int = field(default=0, metadata={"min": 0, "help": "stratified subset of the test set for the final evaluation; 0 = all"})
-    eval_subset: int = field(default=2000, metadata={"min": 0, "help": "held-out images for the per-epoch metrics; 0 = the whole test set"})
+    eval_subset: int = field(default=0, metadata={"min": 0, "help": "held-out images for the per-epoch metrics: a stratified subset of the validation split (of the test set with data.val_subset 0); 0 = all of it"})
+    image_size: int = field(default=0, metadata={"min": 0, "help": "ImageNet folders: the training crop in pixels (evaluated on a centre crop after resizing to 256/224 of it); 0 = 224"})
     augment: bool = field(default=True, metadata={"help": "random crop (4-pixel padding) and horizontal flip"})
     workers: int = field(default=4, metadata={"min": 0, "help": "loader workers (ImageNet only)"})
 
@@ -301,9 +304,13 @@ def _check_consistency(cfg: Config):
     if cfg.lp.aux_source == "stored" and cfg.data.augment:
         raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
     if cfg.data.dataset == "imagenet" and cfg.model.arch not in IMAGENET_ARCHITECTURES:
-        raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs resnet50")
+        raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs "
+                        f"one of {', '.join(IMAGENET_ARCHITECTURES)}")
     if cfg.data.dataset != "imagenet" and cfg.model.arch in IMAGENET_ARCHITECTURES:
-        raise UserError("config key 'model.arch' resnet50 is the ImageNet model; use it with data.dataset: imagenet")
+        raise UserError(f"config key 'model.arch' {cfg.model.arch} is an ImageNet model; use it with data.dataset: imagenet")
+    if cfg.data.image_size and cfg.data.dataset != "imagenet":
+        raise UserError(f"config key 'data.image_size' ({cfg.data.image_size}) applies to ImageNet folders only; "
+                        f"{cfg.data.dataset} images keep their size")
     if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
         raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")
     if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
@@ -358,8 +365,11 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
 
 
 def config_from_dict(tree: dict) -> Config:
-    """Rebuild a Config saved in a run directory (summary, checkpoint manifest)."""
+    """Rebuild a Config saved in a run directory (summary, checkpoint manifest). A run saved
+    before `data.val_subset` existed had no validation split: it resumes without one."""
     cfg = Config()
+    if "val_subset" not in tree.get("data", {}):
+        cfg.data.val_subset = 0
     for key, value in _flatten(tree).items():
         _set(cfg, key, value)
     return cfg

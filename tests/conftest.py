@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 data, mpirun with a timeout, the installed backends."""
+"""Shared fixtures: the real CIFAR-10 and Imagenette data, mpirun with a timeout, the installed backends."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("HPCAUX_TEST_DATA", ROOT / "data"))
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+IMAGENETTE_ARCHIVE = ROOT.parent / "shared" / "data" / "imagenette-128.tar.gz"
 HPCAUX = str(Path(sys.executable).parent / "hpcaux")
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(ROOT)}
@@ -25,6 +26,15 @@ def cifar_root() -> Path:
     if not (DATA / "cifar-10-batches-py" / "test_batch").is_file():
         subprocess.run([HPCAUX, "data", "cifar10", str(DATA), "--from", str(ARCHIVE)], check=True)
     return DATA
+
+
+@pytest.fixture(scope="session")
+def imagenette_root() -> Path:
+    """The real Imagenette in ImageNet's folder layout (scripts/test.sh prepares it)."""
+    root = DATA / "imagenette"
+    if not (root / "val").is_dir():
+        subprocess.run([HPCAUX, "data", "imagenette", str(root), "--from", str(IMAGENETTE_ARCHIVE)], check=True)
+    return root
 
 
 def run(cmd, timeout: float, env=None, cwd=ROOT) -> subprocess.CompletedProcess:

@@ -179,7 +179,7 @@ def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tm
         for key, value in load_file(folder / f"stage_{k}.pt")["stage"].items():
             _, index, rest = key.split(".", 2)  # blocks.<i>.<parameter>
             serial.state_dict()[f"{start + int(index)}.{rest}"].copy_(value)
-    acc = evaluate_model(serial, data, cfg.train.eval_batch_size, torch.device("cpu"), subset=500, seed=cfg.seed)
+    acc = evaluate_model(serial, data, "test", cfg.train.eval_batch_size, torch.device("cpu"), subset=500, seed=cfg.seed)
     assert acc == pytest.approx(summary["test_acc"], abs=1e-9) and acc > 0.1
     evaluated = check(run([HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(acc, abs=1e-9)

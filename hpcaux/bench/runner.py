@@ -90,7 +90,11 @@ def _measurements(summary: dict, metrics: list[dict], batch: int) -> dict:
         elapsed += m["epoch_s"]
         curve.append([elapsed, m.get("composed_acc", m.get("eval_acc"))])
     return {"threads": summary.get("threads"), "epochs": summary["epochs"] + summary.get("finetune_epochs", 0),
-            "test_acc": summary["test_acc"], "auxnet_path_acc": summary.get("auxnet_path_acc"),
+            "test_acc": summary["test_acc"],
+            # the per-epoch curve's split: a choice is made on the validation accuracy, never the test's
+            "monitor_split": summary.get("monitor_split", "test"),
+            "val_acc": curve[-1][1] if curve and summary.get("monitor_split") == "val" else None,
+            "auxnet_path_acc": summary.get("auxnet_path_acc"),
             "final_rel_gap": summary.get("final_rel_gap"), "samples_per_s": sps,
             "step_ms": batch / sps * 1e3, "step_ms_per_rank": per_rank["step_ms"],
             "stage_ms_per_rank": per_rank["stage_ms"], "aux_ms_per_rank": per_rank["aux_ms"],

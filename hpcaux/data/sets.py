@@ -4,6 +4,11 @@ A training batch is (x, y, idx): idx are the samples' positions in the training 
 which per-sample state (AL multipliers, stored auxiliary variables) is keyed by. The
 order and augmentation of an epoch depend only on (seed, epoch), so every rank of a
 layer-parallel replica draws the very same batches without communicating.
+
+Two held-out splits: `val`, carved from the training set (stratified, fixed by its own
+seed, never trained on), on which the per-epoch curve, time to accuracy and every choice
+are measured; and `test`, the official test set, read once at the end of a run. Without a
+validation split (`data.val_subset: 0`) the per-epoch curve falls back to the test set.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 
 from hpcaux.data.augment import normalize, random_crop_flip, to_device
 from hpcaux.data.cifar import MEAN_STD, NUM_CLASSES, load_split
+from hpcaux.data.folders import check_image_folders
 from hpcaux.errors import UserError
 
 
@@ -31,6 +37,23 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.cat(chosen).sort().values
 
 
+def split_training_set(labels: torch.Tensor, val_subset: int, val_seed: int, train_subset: int,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) into a training set with `labels`.
+
+    The validation split is drawn first, by `val_seed` alone, so every run seed and every
+    `train_subset` holds out the same images; the training subset is drawn by `seed` from
+    what remains. Without a split the training subset is the one runs before it drew."""
+    if val_subset >= len(labels):
+        raise UserError(f"config key 'data.val_subset' ({val_subset}) leaves none of the {len(labels)} "
+                        f"training images to train on")
+    val = stratified_subset(labels, val_subset, val_seed) if val_subset else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    rest = keep.nonzero().flatten()
+    return rest[stratified_subset(labels[rest], train_subset, seed)], val
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
@@ -43,8 +66,12 @@ class TrainingData(Protocol):
     @property
     def n_train(self) -> int: ...
 
+    def heldout_count(self, split: str, subset: int = 0) -> int:
+        """How many images `heldout_batches(split, subset=subset)` yields."""
+
     @property
-    def n_test(self) -> int: ...
+    def monitor_split(self) -> str:
+        """The split of the per-epoch curve: "val" where there is one, else "test"."""
 
     def steps_per_epoch(self, batch_size: int, replicas: int = 1) -> int: ...
 
@@ -54,30 +81,30 @@ class TrainingData(Protocol):
         images, unread and unaugmented, for a rank that needs only the labels (the last
         stage without an AuxNet). The order does not depend on it."""
 
-    def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0,
-                     shards=1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    def test_count(self, subset: int) -> int: ...
+    def heldout_batches(self, split: str, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0,
+                        shards=1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of (a stratified subset of) held-out split "val" or "test", split over `shards`."""
 
     def normalized_train(self, idx: torch.Tensor, device) -> torch.Tensor: ...
 
 
-class TensorImageData:
-    """A data set held in memory as uint8 images; CIFAR-10 and CIFAR-100."""
+class _HeldOutSplits:
+    """What both data sets share about their held-out splits: `heldout_labels` maps
+    "val" and "test" to their labels."""
 
-    def __init__(self, train_x, train_y, test_x, test_y, mean, std, num_classes):
-        self.train_x, self.train_y = train_x, train_y
-        self.test_x, self.test_y = test_x, test_y
-        self.mean, self.std, self.num_classes = mean, std, num_classes
-        self.image_shape = tuple(train_x.shape[1:])
+    heldout_labels: dict
+
+    def heldout_count(self, split: str, subset: int = 0) -> int:
+        n = len(self.heldout_labels[split])
+        return n if subset <= 0 or subset >= n else subset
 
     @property
-    def n_train(self) -> int:
-        return len(self.train_y)
+    def monitor_split(self) -> str:
+        return "val" if len(self.heldout_labels["val"]) else "test"
 
     @property
     def n_test(self) -> int:
-        return len(self.test_y)
+        return len(self.heldout_labels["test"])
 
     def steps_per_epoch(self, batch_size: int, replicas: int = 1) -> int:
         steps = self.n_train // (batch_size * replicas)
@@ -86,9 +113,27 @@ class TensorImageData:
                             f"exceeds the {self.n_train} training images")
         return steps
 
-    def test_count(self, subset: int) -> int:
-        """How many test images `test_batches(subset=subset)` yields."""
-        return self.n_test if subset <= 0 or subset >= self.n_test else subset
+    def _heldout_indices(self, split: str, subset: int, seed: int, shard: int, shards: int) -> torch.Tensor:
+        """Positions in the split's labels of this shard's share of a stratified subset."""
+        if split not in self.heldout_labels:
+            raise ValueError(f"held-out split must be val or test, not {split!r}")
+        return stratified_subset(self.heldout_labels[split], subset, seed)[shard::shards]
+
+
+class TensorImageData(_HeldOutSplits):
+    """A data set held in memory as uint8 images; CIFAR-10 and CIFAR-100."""
+
+    def __init__(self, train: tuple, val: tuple, test: tuple, mean, std, num_classes):
+        """`train`, `val`, `test`: (uint8 images N x C x H x W, int64 labels N) each."""
+        self.train_x, self.train_y = train
+        self.heldout = {"val": val, "test": test}
+        self.heldout_labels = {split: y for split, (_, y) in self.heldout.items()}
+        self.mean, self.std, self.num_classes = mean, std, num_classes
+        self.image_shape = tuple(self.train_x.shape[1:])
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_y)
 
     def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1, images=True):
         """Shuffled batches of replica `replica`; the last partial batch is dropped."""
@@ -105,13 +150,12 @@ class TensorImageData:
                 batch = random_crop_flip(batch, gen)
             yield normalize(batch, self.mean, self.std), to_device(self.train_y[idx], device), idx
 
-    def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
-        """Batches of (a stratified subset of) the test set, split over `shards`."""
-        idx = stratified_subset(self.test_y, subset, seed)
-        idx = idx[shard::shards]
+    def heldout_batches(self, split: str, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
+        x, y = self.heldout[split] if split in self.heldout else (None, None)
+        idx = self._heldout_indices(split, subset, seed, shard, shards)
         for start in range(0, len(idx), batch_size):
             b = idx[start:start + batch_size]
-            yield normalize(self.test_x[b].to(device), self.mean, self.std), self.test_y[b].to(device)
+            yield normalize(x[b].to(device), self.mean, self.std), y[b].to(device)
 
     def normalized_train(self, idx: torch.Tensor, device) -> torch.Tensor:
         """Training images `idx`, normalised and not augmented."""
@@ -130,45 +174,41 @@ class _Indexed(torch.utils.data.Dataset):
         return x, y, int(self.indices[i])
 
 
-class ImageFolderData:
-    """ImageNet-style `train/<class>/*` and `val/<class>/*` folders read through torchvision."""
+class ImageFolderData(_HeldOutSplits):
+    """ImageNet-style `train/<class>/*` and `val/<class>/*` folders read through torchvision.
+    The folder `val/` is the test split; the validation split is carved from `train/`."""
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    def __init__(self, root: Path, train_subset: int, seed: int, workers: int):
+    def __init__(self, root: Path, split: tuple, image_size: int, workers: int):
+        """`split`: (training indices, validation indices) into `train/`; `image_size`: the
+        training crop, evaluated on a centre crop of the image resized by 256/224 of it."""
         from torchvision import datasets, transforms as T
 
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UserError(f"ImageNet folder {root / split} not found (expected train/<class>/ and val/<class>/)")
         norm = T.Normalize(self.mean, self.std)
         self.train_aug = datasets.ImageFolder(root / "train", T.Compose(
-            [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+            [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
+        resize = round(image_size * 256 / 224)
         self.train_plain = datasets.ImageFolder(root / "train", T.Compose(
-            [T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
+            [T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm]))
         self.test = datasets.ImageFolder(root / "val", self.train_plain.transform)
         self.train_y = torch.tensor(self.train_plain.targets)  # by index into train/
-        self.train_idx = stratified_subset(self.train_y, train_subset, seed)
-        self.test_y = torch.tensor(self.test.targets)
+        self.train_idx, self.val_idx = split
+        self.heldout_labels = {"val": self.train_y[self.val_idx], "test": torch.tensor(self.test.targets)}
         self.num_classes = len(self.train_plain.classes)
-        self.image_shape = (3, 224, 224)
+        self.image_shape = (3, image_size, image_size)
         self.workers = workers
 
     @property
     def n_train(self) -> int:
         return len(self.train_idx)
 
-    @property
-    def n_test(self) -> int:
-        return len(self.test)
-
-    steps_per_epoch = TensorImageData.steps_per_epoch
-    test_count = TensorImageData.test_count
-
-    def _loader(self, dataset, indices, batch_size, gen=None):
+    def _loader(self, dataset, indices, batch_size, device, gen=None):
+        """Decoding and augmentation run in `workers` processes; for a GPU their batches land
+        in pinned memory, so the copy to the device does not wait for the queued work."""
         return torch.utils.data.DataLoader(_Indexed(dataset, indices), batch_size=batch_size,
-                                           num_workers=self.workers, generator=gen,
-                                           persistent_workers=False)
+                                           num_workers=self.workers, generator=gen, persistent_workers=False,
+                                           pin_memory=torch.device(device).type == "cuda")
 
     def train_batches(self, batch_size, *, seed, epoch, augment, device, replica=0, replicas=1, images=True):
         gen = epoch_generator(seed, epoch)
@@ -181,17 +221,24 @@ class ImageFolderData:
             return
         # The loader's generator seeds its workers: equal (seed, epoch) -> equal augmentation.
         dataset = self.train_aug if augment else self.train_plain
-        for x, y, idx in self._loader(dataset, mine, batch_size, gen):
+        for x, y, idx in self._loader(dataset, mine, batch_size, device, gen):
             yield to_device(x, device), to_device(y, device), idx
 
-    def test_batches(self, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
-        idx = stratified_subset(self.test_y, subset, seed)[shard::shards]
-        for x, y, _ in self._loader(self.test, idx, batch_size):
-            yield x.to(device), y.to(device)
+    def heldout_batches(self, split: str, batch_size, *, device, subset: int = 0, seed: int = 0, shard=0, shards=1):
+        positions = self._heldout_indices(split, subset, seed, shard, shards)
+        dataset, files = (self.train_plain, self.val_idx[positions]) if split == "val" else (self.test, positions)
+        for x, y, _ in self._loader(dataset, files, batch_size, device):
+            yield to_device(x, device), to_device(y, device)
 
     def normalized_train(self, idx: torch.Tensor, device) -> torch.Tensor:
         """Training images `idx` (positions in the subset), without augmentation."""
         return torch.stack([self.train_plain[int(self.train_idx[i])][0] for i in idx]).to(device)
+
+
+def heldout_summary(data: TrainingData, data_cfg) -> dict:
+    """The summary.json fields that say which images a run's accuracies were measured on."""
+    return {"val_samples": data.heldout_count("val"), "monitor_split": data.monitor_split,
+            "test_samples": data.heldout_count("test", data_cfg.test_subset)}
 
 
 def cut_timing_sample(data: TrainingData, device, size: int) -> torch.Tensor:
@@ -201,13 +248,19 @@ def cut_timing_sample(data: TrainingData, device, size: int) -> torch.Tensor:
 
 
 def load_data(data_cfg, seed: int) -> TrainingData:
-    """The configured data set, with the stratified training subset applied."""
+    """The configured data set: the validation split held out (`data.val_subset`, drawn by
+    `data.val_seed`) and the stratified training subset drawn by `seed` from the rest."""
     root = Path(data_cfg.root)
     if data_cfg.dataset == "imagenet":
-        return ImageFolderData(root, data_cfg.train_subset, seed, data_cfg.workers)
+        check_image_folders(root)
+        from torchvision import datasets
+
+        labels = torch.tensor(datasets.ImageFolder(root / "train").targets)
+        split = split_training_set(labels, data_cfg.val_subset, data_cfg.val_seed, data_cfg.train_subset, seed)
+        return ImageFolderData(root, split, data_cfg.image_size or 224, data_cfg.workers)
     train_x, train_y = load_split(data_cfg.dataset, root, train=True)
-    test_x, test_y = load_split(data_cfg.dataset, root, train=False)
-    keep = stratified_subset(train_y, data_cfg.train_subset, seed)
+    test = load_split(data_cfg.dataset, root, train=False)
+    keep, val = split_training_set(train_y, data_cfg.val_subset, data_cfg.val_seed, data_cfg.train_subset, seed)
     mean, std = MEAN_STD[data_cfg.dataset]
-    return TensorImageData(train_x[keep], train_y[keep], test_x, test_y, mean, std,
+    return TensorImageData((train_x[keep], train_y[keep]), (train_x[val], train_y[val]), test, mean, std,
                            NUM_CLASSES[data_cfg.dataset])

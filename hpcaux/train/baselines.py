@@ -21,7 +21,7 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
-from hpcaux.data.sets import cut_timing_sample, load_data
+from hpcaux.data.sets import cut_timing_sample, heldout_summary, load_data
 from hpcaux.errors import UserError
 from hpcaux.models import block_count, build_model
 from hpcaux.models.partition import boundary_shapes, check_stage_count, make_stages
@@ -40,7 +40,7 @@ from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
 class BaselineTrainer:
     """Batches, per-epoch held-out accuracy and the summary around the shared epoch loop.
     Subclasses provide `layout`, `replicas`, `optimizer`, `gradients(x, y)` (leaves the
-    step's synchronised gradients) and `_accuracy(subset)`."""
+    step's synchronised gradients) and `_accuracy(split, subset)`."""
 
     method = ""
     replicas = 1
@@ -78,21 +78,22 @@ class BaselineTrainer:
             totals = loop.run_epoch(epoch, self._batches(epoch))
             train_time += totals.seconds
             self.step_s += totals.sums["step_s"]
-            acc = self._accuracy(cfg.data.eval_subset)
+            acc = self._accuracy(self.data.monitor_split, cfg.data.eval_subset)
             record = {"epoch": epoch + 1, "phase": self.method, "eval_acc": acc, "lr": totals.lr,
-                      "epoch_s": totals.seconds,
+                      "epoch_s": totals.seconds, "input_ms": totals.input_ms,
                       "samples_per_s": totals.steps * cfg.train.batch_size * self.replicas / totals.seconds}
             if is_root:
                 log.append(record)
                 progress.note(f"epoch {epoch + 1} [{self.method}]: eval acc {acc:.3f} "
                               f"({record['samples_per_s']:.0f} samples/s)")
         progress.close()
-        test_acc = self._accuracy(cfg.data.test_subset)
+        test_acc = self._accuracy("test", cfg.data.test_subset)
         per_rank = self.comm.gather_per_rank({"step_ms": self.step_s / max(loop.step, 1) * 1e3,
                                             "peak_mem_mb": peak_memory_mb(self.device)})
         summary = {"method": self.method, "model": cfg.model.arch, "dataset": cfg.data.dataset,
                    "K": cfg.parallel.K, "D": self.replicas, "epochs": cfg.train.epochs,
-                   "train_samples": self.data.n_train, "test_acc": test_acc, "wall_s": time.perf_counter() - started,
+                   "train_samples": self.data.n_train,
+                   **heldout_summary(self.data, cfg.data), "test_acc": test_acc, "wall_s": time.perf_counter() - started,
                    "train_s": train_time,
                    "train_samples_per_s": loop.step * cfg.train.batch_size * self.replicas / train_time,
                    "step_ms_per_rank": per_rank["step_ms"].tolist(), "peak_mem_mb_per_rank": per_rank["peak_mem_mb"].tolist(),
@@ -155,11 +156,11 @@ class DataParallelTrainer(BaselineTrainer):
         with self.optimizer.skip_synchronize():  # gradients() synchronised them already
             self.optimizer.step()
 
-    def _accuracy(self, subset):
+    def _accuracy(self, split, subset):
         """Rank 0 evaluates (the replicas are identical); the others learn the result."""
         acc = None
         if self.comm.rank == 0:
-            acc = evaluate_model(self.model, self.data, self.cfg.train.eval_batch_size, self.device,
+            acc = evaluate_model(self.model, self.data, split, self.cfg.train.eval_batch_size, self.device,
                                  subset=subset, seed=self.cfg.seed)
         return self.comm.broadcast_object(acc, root=0)
 
@@ -202,9 +203,9 @@ class PipelineTrainer(BaselineTrainer):
             else:
                 self.schedule.step()
 
-    def _accuracy(self, subset):
-        batches = self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,
-                                         seed=self.cfg.seed)
+    def _accuracy(self, split, subset):
+        batches = self.data.heldout_batches(split, self.cfg.train.eval_batch_size, device=self.device, subset=subset,
+                                            seed=self.cfg.seed)
         correct, total = self.chain.correct_count(batches)
         stats = torch.tensor([correct, total], dtype=torch.float64)
         self.comm.allreduce([stats], op="sum", what="allreduce held-out accuracy")

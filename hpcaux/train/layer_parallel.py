@@ -81,9 +81,10 @@ class LayerParallelTrainer:
             if resume else (None, None)
         self.data = comm.agree(lambda: load_data(cfg.data, cfg.seed), "the data set")
         self.steps = self.data.steps_per_epoch(cfg.train.batch_size, lay.D)  # same on every rank
-        if cfg.store.probe_size > self.data.n_test:
+        held_out = self.data.heldout_count(self.data.monitor_split)
+        if cfg.store.probe_size > held_out:
             raise UserError(f"config key 'store.probe_size' ({cfg.store.probe_size}) exceeds the "
-                            f"{self.data.n_test} test images it is drawn from")
+                            f"{held_out} held-out images it is drawn from")
         seed_everything(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
@@ -228,7 +229,7 @@ class LayerParallelTrainer:
         if last_epoch < epochs + ft_epochs:
             self.store.close(self.comm.barrier)
             return {"stopped_after_epoch": last_epoch}
-        final = self.metrics(cfg.data.test_subset)
+        final = self.metrics(cfg.data.test_subset, "test")
         self.save("final", last_epoch, "done")
         self.store.close(self.comm.barrier)
         timers = {k: sum(t.sums[k] for t in lp_totals) for k in TIMERS}

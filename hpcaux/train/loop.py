@@ -46,11 +46,18 @@ class LrSchedule:
 
 @dataclass
 class EpochTotals:
-    """What the steps of one epoch reported, summed; `steps` of them in `seconds`."""
+    """What the steps of one epoch reported, summed; `steps` of them in `seconds`, of which
+    `input_seconds` waiting for the next batch (the loader: decoding, augmentation)."""
     sums: dict = field(default_factory=lambda: defaultdict(float))
     steps: int = 0
     seconds: float = 0.0
+    input_seconds: float = 0.0
     lr: float = 0.0
+
+    @property
+    def input_ms(self) -> float:
+        """Milliseconds per step spent waiting for input: near 0 when the loader keeps up."""
+        return self.input_seconds / max(self.steps, 1) * 1e3
 
     def mean(self, key: str) -> float:
         return self.sums[key] / max(self.steps, 1)
@@ -80,7 +87,9 @@ class EpochLoop:
     def run_epoch(self, epoch: int, batches: Iterable, first_step_in_epoch: int = 0) -> EpochTotals:
         totals, start = EpochTotals(), time.perf_counter()
         step_in_epoch, unread = first_step_in_epoch, False
-        for x, y, idx in batches:
+        batches = iter(batches)
+        while (batch := self._next_batch(batches, totals)) is not None:
+            x, y, idx = batch
             totals.lr = self.schedule(self.step)
             for optimizer in self.optimizers:
                 set_lr(optimizer, totals.lr)
@@ -101,6 +110,14 @@ class EpochLoop:
         totals.seconds = time.perf_counter() - start
         totals.read()
         return totals
+
+    @staticmethod
+    def _next_batch(batches, totals: EpochTotals):
+        """The next (x, y, idx), or None at the epoch's end; the wait counts as input time."""
+        started = time.perf_counter()
+        batch = next(batches, None)
+        totals.input_seconds += time.perf_counter() - started
+        return batch
 
     def _read(self, epoch: int, step_in_epoch: int, values: dict | None):
         """The host's read: the progress bar's numbers and the agreed stop vote (a NaN loss

@@ -40,6 +40,6 @@ def evaluate_run(run_dir: Path, subset: int = 0, data_root: str | None = None) -
         cfg.data.root = data_root
     data = load_data(cfg.data, cfg.seed)
     model = load_composed_model(folder, manifest, data.num_classes, cfg.lp.boundary_norm)
-    acc = evaluate_model(model, data, cfg.train.eval_batch_size, torch.device("cpu"), subset=subset, seed=cfg.seed)
+    acc = evaluate_model(model, data, "test", cfg.train.eval_batch_size, torch.device("cpu"), subset=subset, seed=cfg.seed)
     return {"run": str(run_dir), "checkpoint": folder.name, "method": manifest["method"],
             "K": manifest["K"], "test_acc": acc}

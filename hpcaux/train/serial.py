@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from hpcaux.config import Config
-from hpcaux.data.sets import load_data
+from hpcaux.data.sets import heldout_summary, load_data
 from hpcaux.errors import UserError
 from hpcaux.models import build_model
 from hpcaux.store.checkpoint import save_checkpoint
@@ -58,20 +58,23 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
         except NonFiniteLoss as bad:
             raise UserError(bad.describe(step_label["step"], steps, lambda rank: 0)) from None
         train_time += totals.seconds
-        eval_acc = evaluate_model(model, data, cfg.train.eval_batch_size, device, subset=cfg.data.eval_subset, seed=cfg.seed)
+        eval_acc = evaluate_model(model, data, data.monitor_split, cfg.train.eval_batch_size, device,
+                                  subset=cfg.data.eval_subset, seed=cfg.seed)
         seen = totals.sums["seen"]
         record = {"epoch": epoch + 1, "train_loss": totals.sums["loss"] / seen, "train_acc": totals.sums["correct"] / seen,
-                  "eval_acc": eval_acc, "lr": totals.lr, "epoch_s": totals.seconds, "samples_per_s": seen / totals.seconds}
+                  "eval_acc": eval_acc, "lr": totals.lr, "epoch_s": totals.seconds, "samples_per_s": seen / totals.seconds,
+                  "input_ms": totals.input_ms}
         log.append(record)
         progress.note(f"epoch {epoch + 1}: loss {record['train_loss']:.3f} train acc {record['train_acc']:.3f} "
                       f"eval acc {eval_acc:.3f} ({record['samples_per_s']:.0f} samples/s)")
     progress.close()
-    test_acc = evaluate_model(model, data, cfg.train.eval_batch_size, device, subset=cfg.data.test_subset, seed=cfg.seed)
+    test_acc = evaluate_model(model, data, "test", cfg.train.eval_batch_size, device, subset=cfg.data.test_subset,
+                              seed=cfg.seed)
     save_checkpoint(run_dir, "final", {"model.pt": model.state_dict()},
                     {"method": "serial", "model": cfg.model.arch, "K": 1, "D": 1, "cuts": [],
                      "epoch": cfg.train.epochs, "config": cfg.to_dict(), "files": ["model.pt"]})
     summary = {"method": "serial", "model": cfg.model.arch, "dataset": cfg.data.dataset, "K": 1, "D": 1,
-               "epochs": cfg.train.epochs, "train_samples": data.n_train, "test_samples": data.test_count(cfg.data.test_subset),
+               "epochs": cfg.train.epochs, "train_samples": data.n_train, **heldout_summary(data, cfg.data),
                "test_acc": test_acc, "wall_s": time.perf_counter() - started,
                "train_samples_per_s": loop.step * cfg.train.batch_size / train_time, "train_s": train_time,
                "step_ms_per_rank": [train_time / loop.step * 1e3], "peak_mem_mb_per_rank": [peak_memory_mb(device)],

@@ -21,10 +21,10 @@ for i, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     trainer.step(x, y, idx, rho=1.0)
     if i == 5:
         break
-across_ranks = trainer.metrics(subset=400)["composed_acc"]
+across_ranks = trainer.metrics(subset=400, split="test")["composed_acc"]
 trainer.stage.eval()
 with torch.no_grad():
-    logits = [trainer.chain.forward(x)[1] for x, _ in trainer.metrics.eval_batches(400)]
+    logits = [trainer.chain.forward(x)[1] for x, _ in trainer.metrics.eval_batches("test", 400)]
 if trainer.layout.is_last:
     torch.save(torch.cat(logits), run_dir / "logits_across_ranks.pt")
 trainer.save("final", 0, "done")  # ends with a barrier: the logits file is complete
@@ -34,7 +34,7 @@ if comm.rank == 0:
     folder, manifest = latest_checkpoint(run_dir)
     model = load_composed_model(folder, manifest, trainer.data.num_classes).eval()
     with torch.no_grad():
-        reference = torch.cat([model(x) for x, _ in trainer.metrics.eval_batches(400)])
+        reference = torch.cat([model(x) for x, _ in trainer.metrics.eval_batches("test", 400)])
     pipelined = torch.load(run_dir / "logits_across_ranks.pt")
     assert torch.allclose(pipelined, reference, atol=1e-5), (pipelined - reference).abs().max()
     print(f"composed logits and accuracy {across_ranks:.4f} across ranks == {in_one_process:.4f} in one process")

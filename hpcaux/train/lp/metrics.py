@@ -23,20 +23,24 @@ class HeldOutMetrics:
         self.step, self.chain, self.comm, self.data = step, chain, comm, data
         self.cfg, self.layout, self.device = cfg, layout, device
 
-    def eval_batches(self, subset: int):
-        """This replica's shard of the held-out set: the replicas' counts add up to it once."""
-        return self.data.test_batches(self.cfg.train.eval_batch_size, device=self.device, subset=subset,
-                                      seed=self.cfg.seed, shard=self.layout.replica, shards=self.layout.D)
+    def eval_batches(self, split: str, subset: int):
+        """This replica's shard of held-out split `split`: the replicas' counts add up to it once."""
+        return self.data.heldout_batches(split, self.cfg.train.eval_batch_size, device=self.device,
+                                         subset=subset, seed=self.cfg.seed, shard=self.layout.replica,
+                                         shards=self.layout.D)
 
     @torch.no_grad()
-    def __call__(self, subset: int) -> dict:
+    def __call__(self, subset: int, split: str | None = None) -> dict:
+        """The measurements on `subset` images of `split` (default: the per-epoch split,
+        validation where the run has one; the run's end passes "test")."""
+        split = split or self.data.monitor_split
         K = self.layout.K
-        correct, total = self.chain.correct_count(self.eval_batches(subset))
+        correct, total = self.chain.correct_count(self.eval_batches(split, subset))
         counts = {"composed": torch.tensor([correct, total], dtype=torch.float64),
                   "auxnet_path": torch.zeros(2, dtype=torch.float64),
                   "gap": torch.zeros(K - 1, 2, dtype=torch.float64)}  # per boundary: sum ||F-A||², sum ||A||²
         if self.step.auxnet is not None:
-            self._auxnet_counts(subset, counts)
+            self._auxnet_counts(split, subset, counts)
         self.comm.allreduce(list(counts.values()), op="sum", what="allreduce held-out metrics")
         result = {"composed_acc": (counts["composed"][0] / counts["composed"][1]).item()}
         if self.step.auxnet is not None:
@@ -44,14 +48,14 @@ class HeldOutMetrics:
             result["rel_gap"] = (counts["gap"][:, 0] / counts["gap"][:, 1]).tolist()
         return result
 
-    def _auxnet_counts(self, subset: int, counts: dict):
+    def _auxnet_counts(self, split: str, subset: int, counts: dict):
         """This rank's share: the gap of its output boundary, or (last stage) the AuxNet path."""
         step = self.step
         modules = [m for m in (step.auxnet, step.stage, step.local_head) if m is not None]
         modes = [m.training for m in modules]
         for m in modules:
             m.eval()
-        for x, y in self.eval_batches(subset):
+        for x, y in self.eval_batches(split, subset):
             with step.precision.float32():  # evaluation in float32, whatever train.precision says
                 inp, target, _ = step.inputs(x, None)
                 out = step.stage(inp)
@@ -68,7 +72,8 @@ class HeldOutMetrics:
         step, probe_size = self.step, self.cfg.store.probe_size
         if step.auxnet is None or self.layout.replica != 0 or step.out_boundary is None or not probe_size:
             return {}
-        probe = next(self.data.test_batches(probe_size, device=self.device, subset=probe_size, seed=self.cfg.seed))[0]
+        probe = next(self.data.heldout_batches(self.data.monitor_split, probe_size, device=self.device,
+                                               subset=probe_size, seed=self.cfg.seed))[0]
         step.auxnet.eval()
         out = step.auxnet(probe, [step.out_boundary])
         step.auxnet.train()

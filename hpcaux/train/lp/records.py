@@ -11,6 +11,7 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
+from hpcaux.data.sets import heldout_summary
 from hpcaux.train.loop import EpochTotals
 from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.run.layout import Layout
@@ -28,7 +29,7 @@ def layer_parallel_record(epoch: int, rho: float, totals: EpochTotals, step: Lay
     stats = step.epoch_stats
     ranks = comm.gather_per_rank({
         "loss": totals.mean("loss"), "train_gap": totals.sums["gap_num"] / max(totals.sums["gap_den"], 1e-12),
-        **{k: totals.mean(k) for k in TIMERS},
+        **{k: totals.mean(k) for k in TIMERS}, "input_ms": totals.input_ms,
         "multiplier_rms": stats["multiplier"].rms(), "z_mean": stats["z"].mean(), "z_std": stats["z"].std()})
     owners = slice(0, layout.K - 1)
 
@@ -40,6 +41,7 @@ def layer_parallel_record(epoch: int, rho: float, totals: EpochTotals, step: Lay
             "stage_loss": ranks["loss"][:layout.K].tolist(), "train_rel_gap": per_boundary("train_gap", not auxless),
             **metrics,
             "step_ms": _ms(ranks["step_s"]), "aux_ms": _ms(ranks["aux_s"]), "comm_ms": _ms(ranks["comm_s"]),
+            "input_ms": ranks["input_ms"].tolist(),
             "multiplier_rms": per_boundary("multiplier_rms", cfg.lp.multipliers == "per_sample"),
             "z_mean": per_boundary("z_mean", stored), "z_std": per_boundary("z_std", stored),
             "allreduce_values": step.allreduce_values,
@@ -78,6 +80,7 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
     return {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
             "K": lay.K, "D": lay.D, **trainer.partition.summary(), "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
             "epochs": cfg.train.epochs, "finetune_epochs": cfg.lp.finetune_epochs, "train_samples": trainer.data.n_train,
+            **heldout_summary(trainer.data, cfg.data),
             "test_acc": final["composed_acc"], "auxnet_path_acc": final.get("auxnet_path_acc"),
             "final_rel_gap": final.get("rel_gap"), **times,
             "train_samples_per_s": steps_done * cfg.train.batch_size * lay.D / train_s if train_s else None,

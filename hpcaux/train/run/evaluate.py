@@ -3,11 +3,12 @@ import torch
 
 
 @torch.no_grad()
-def evaluate_model(model, data, batch_size, device, subset=0, seed=0) -> float:
+def evaluate_model(model, data, split, batch_size, device, subset=0, seed=0) -> float:
+    """Accuracy on held-out split "val" or "test" (data/sets.py)."""
     was_training = model.training
     model.eval()
     correct = total = 0
-    for x, y in data.test_batches(batch_size, device=device, subset=subset, seed=seed):
+    for x, y in data.heldout_batches(split, batch_size, device=device, subset=subset, seed=seed):
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
