@@ -67,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="prepare a data set in the standard layout",
                           description="Lay out CIFAR in the standard python-pickle format from the original release "
-                                      "tarball or from a JPEG-folder archive (train/<class>/, test/<class>/).")
-    data.add_argument("dataset", choices=["cifar10", "cifar100"])
-    data.add_argument("dest", help="destination root (gets cifar-10-batches-py/ or cifar-100-python/)")
+                                      "tarball or from a JPEG-folder archive (train/<class>/, test/<class>/); or "
+                                      "unpack, check and count an ImageNet-format folder tree (imagenet, imagenette: "
+                                      "train/<class>/, val/<class>/), used with data.dataset=imagenet data.root=DEST.")
+    data.add_argument("dataset", choices=["cifar10", "cifar100", "imagenet", "imagenette"])
+    data.add_argument("dest", help="destination root (gets cifar-10-batches-py/, cifar-100-python/, or train/ and val/)")
     data.add_argument("--from", dest="archive", required=True, help="archive to read")
 
     guard = sub.add_parser("launch", help="run mpirun/srun so that TERM or Ctrl-C saves and stops the job (exit 0)",
@@ -190,6 +192,12 @@ def _bench(args) -> int:
 
 
 def _data(args) -> int:
+    if args.dataset in ("imagenet", "imagenette"):
+        from hpcaux.data.folders import prepare_image_folders
+
+        folder, counts = prepare_image_folders(args.dest, args.archive)
+        print(f"{args.dataset} ready in {folder}: {counts.describe()}")
+        return 0
     from hpcaux.data.prepare import prepare
 
     folder = prepare(args.dataset, args.dest, args.archive)

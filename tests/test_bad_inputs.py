@@ -184,8 +184,13 @@ CATALOGUE = {
     "--overwrite with a late failing check": (2, lp("--out", "{ws}/victim", "--overwrite", "data.root={data}", *TINY,
                                                     "train.batch_size=512"),
                                               "config key 'train.batch_size' (512) x replicas (1) exceeds the 96"),
-    "probe set beyond the test set": (2, lp("--out", "{ws}/new", "data.root={data}", *TINY, "store.probe_size=20000"),
-                                      "config key 'store.probe_size' (20000) exceeds the 10000 test images"),
+    "probe set beyond the held-out set": (2, lp("--out", "{ws}/new", "data.root={data}", *TINY, "store.probe_size=20000"),
+                                          "config key 'store.probe_size' (20000) exceeds the 5000 held-out images"),
+    "validation split as large as the training set": (2, lp("--out", "{ws}/new", "data.root={data}", *TINY,
+                                                            "data.val_subset=50000"),
+                                                      "config key 'data.val_subset' (50000) leaves none of the 50000"),
+    "image size for CIFAR": (1, ["train", "--config", SERIAL, "--out", "{ws}/new", "data.image_size=64"],
+                             "config key 'data.image_size' (64) applies to ImageNet folders only"),
     "--resume of a finished run": (2, ["train", "--resume", "{ws}/done"], "run {ws}/done is finished"),
     "--resume of a run copied with cp -rL": (2, ["train", "--resume", "{ws}/copied"],
                                              "{ws}/copied/ckpt/latest is a copy, not a link"),
@@ -198,6 +203,8 @@ CATALOGUE = {
     "analyze into a file": (1, ["analyze", "{ws}/victim/aux.h5", "--out", "{ws}/bad.yaml"],
                             "plot folder {ws}/bad.yaml is (or is below) {ws}/bad.yaml, a file"),
     "analyze before the first epoch": (1, ["analyze", "{ws}/no_epoch.h5"], "has no finished epoch yet"),
+    "ImageNet folders from a CIFAR archive": (1, ["data", "imagenette", "{ws}/imagenette", "--from", str(ARCHIVE)],
+                                              f"ImageNet folder {ARCHIVE.name}/val not found"),
     "data into a file": (1, ["data", "cifar10", "{ws}/bad.yaml", "--from", str(ARCHIVE)],
                          "data destination {ws}/bad.yaml is (or is below) {ws}/bad.yaml, a file"),
 }
@@ -264,3 +271,8 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, cifar_roo
         subprocess.run(["umount", "-l", str(full)])  # lazy: a finished rank may still hold it
     check(mpirun(2, [HPCAUX, "train", "--resume", str(tmp_path / "roomy")], timeout=300))
     assert (tmp_path / "roomy" / "summary.json").exists()
+
+
+def test_troubleshooting_states_how_many_cases_are_checked():
+    doc = (ROOT / "docs" / "troubleshooting.md").read_text()
+    assert f"`tests/test_bad_inputs.py` checks {len(CATALOGUE)} cases" in doc
