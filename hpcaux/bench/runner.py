@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hpcaux.bench.methods import REFERENCE, method_overrides
+from hpcaux.bench.methods import method_overrides
 from hpcaux.bench.spec import BenchSpec
 from hpcaux.config import load_config
 from hpcaux.errors import UserError
@@ -44,7 +44,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
         records[name] = _run_method(spec, out, name, shared, cfg, reuse)
     results = {"machine": machine(), "date": started, "K": spec.K, "quick": quick, "base": str(spec.base),
                "overrides": shared, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
-               "train_subset": cfg.data.train_subset, "reference": REFERENCE,
+               "train_subset": cfg.data.train_subset, "reference": spec.reference,
                "command": " ".join(shlex.quote(a) for a in ["hpcaux", *sys.argv[1:]]),
                "methods": records}
     write_json(out / "results.json", results)

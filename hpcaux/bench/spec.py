@@ -20,6 +20,7 @@ class BenchSpec:
     quick: list = field(default_factory=list)
     launcher: str = "mpirun -np {ranks} --bind-to none"
     variants: dict = field(default_factory=dict)  # name: {method, overrides, finetune_epochs}
+    reference: str = REFERENCE  # the method every speedup and accuracy difference is against
     _variants: dict = field(default_factory=dict, init=False, repr=False)  # name: Method, built by load_bench
 
     def method(self, name: str) -> Method:
@@ -45,8 +46,8 @@ def load_bench(path: str | Path) -> BenchSpec:
     bad = [m for m in spec.methods if m not in METHODS and m not in spec._variants]
     if bad:
         raise UserError(f"bench file {path}: unknown methods {bad}; known: {list(METHODS)}")
-    if REFERENCE not in spec.methods:
-        raise UserError(f"bench file {path}: methods must include {REFERENCE}, the reference of every ratio")
+    if spec.reference not in spec.methods:
+        raise UserError(f"bench file {path}: methods must include {spec.reference}, the reference of every ratio")
     if not isinstance(spec.K, int) or spec.K < 2:
         raise UserError(f"bench file {path}: K must be an integer >= 2, got {spec.K!r}")
     if "{ranks}" not in spec.launcher:
