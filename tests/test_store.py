@@ -158,6 +158,7 @@ def test_analyze_a_real_run_offline(tmp_path, cifar_root):
                      timeout=120))
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["epoch", "rho", "composed", "auxnet-path"] and "lambda_rms[0]" in lines[0]
+    assert "z_mean[0]" not in lines[0]  # no stored z in this run: no empty column for it
     assert lines[1].split()[0] == "1" and lines[2].split()[0] == "2"
     for name in ("gap_rho.png", "step_time.png", "accuracy.png", "histograms.png", "snapshot_drift.png"):
         png = tmp_path / "plots" / name

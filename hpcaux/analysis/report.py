@@ -56,23 +56,25 @@ class StoreView:
 
 
 def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.4g}"
+    return "-" if value is None or np.isnan(float(value)) else f"{value:.4g}"
 
 
 def summary_table(view: StoreView) -> str:
+    """One row per epoch, one column per series the run has: a column with no value in any
+    epoch (the AuxNet's under lp.aux_source none, z under any other source) is left out."""
     m = view.metrics
-    header = ["epoch", "rho", "composed", "auxnet-path"]
-    for b in range(view.K - 1):
-        header += [f"gap[{b}]", f"train_gap[{b}]", f"lambda_rms[{b}]", f"z_mean[{b}]", f"z_std[{b}]", f"drift[{b}]"]
     drift = {b: dict(view.snapshot_drift(b)) for b in range(view.K - 1)}
-    rows = [header]
-    for e in range(view.epochs):
-        row = [str(e + 1), _fmt(m["rho"][e]), _fmt(m["composed_acc"][e]), _fmt(m["auxnet_path_acc"][e])]
-        for b in range(view.K - 1):
-            row += [_fmt(m["rel_gap"][e, b]), _fmt(m["train_rel_gap"][e, b]), _fmt(m["multiplier_rms"][e, b]),
-                    _fmt(m["z_mean"][e, b]), _fmt(m["z_std"][e, b]), _fmt(drift[b].get(e + 1))]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    columns = [("rho", m["rho"]), ("composed", m["composed_acc"]), ("auxnet-path", m["auxnet_path_acc"])]
+    for b in range(view.K - 1):
+        columns += [(f"gap[{b}]", m["rel_gap"][:, b]), (f"train_gap[{b}]", m["train_rel_gap"][:, b]),
+                    (f"lambda_rms[{b}]", m["multiplier_rms"][:, b]), (f"z_mean[{b}]", m["z_mean"][:, b]),
+                    (f"z_std[{b}]", m["z_std"][:, b]),
+                    (f"drift[{b}]", [drift[b].get(e + 1) for e in range(view.epochs)])]
+    cells = [("epoch", [str(e + 1) for e in range(view.epochs)])]
+    cells += [(name, [_fmt(v) for v in values[:view.epochs]]) for name, values in columns]
+    cells = [(name, values) for name, values in cells if any(v != "-" for v in values)]
+    rows = [[name for name, _ in cells]] + [[values[e] for _, values in cells] for e in range(view.epochs)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cells))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     step = m["step_ms"][-1]
     lines.append(f"step time per rank in the last epoch (ms): {' '.join(_fmt(v) for v in step)}")
