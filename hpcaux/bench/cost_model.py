@@ -73,7 +73,8 @@ def project(aux_width: int, aux_depth: int, rate: float, aux_scale: float = 1.0,
     arithmetic per byte, so it runs slower per MAC than the stages (aux_scale_from_bench)."""
     rows = []
     for arch, classes, size, batch in models:
-        model = build_model(arch, classes)
+        # eval mode: a one-image count must not trip BatchNorm at a 1x1 feature map
+        model = build_model(arch, classes).eval()
         blocks = block_flops(model, torch.zeros(1, 3, size, size))
         t_serial = 3 * sum(blocks) * batch / rate
         for K in ks:
@@ -83,7 +84,7 @@ def project(aux_width: int, aux_depth: int, rate: float, aux_scale: float = 1.0,
             edges = [0, *cuts, len(blocks)]
             stage_macs = [sum(blocks[a:b]) for a, b in zip(edges, edges[1:])]
             shapes = boundary_shapes(make_stages(model, cuts, boundary_norm=False), (3, size, size))
-            aux = AuxNet(shapes, aux_width, aux_depth, 3, size)
+            aux = AuxNet(shapes, aux_width, aux_depth, 3, size).eval()
             x = torch.zeros(1, 3, size, size)
             # the costliest rank runs the trunk and two heads (its input and its target)
             aux_macs = max(count_macs(aux, lambda k=k: aux(x, [b for b in (k - 1, k) if 0 <= b < K - 1]))
