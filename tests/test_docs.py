@@ -38,3 +38,13 @@ def test_the_design_is_cited_from_the_repository_itself():
     citing += ["README.md"] if outside.search((ROOT / "README.md").read_text()) else []
     assert citing == [], citing
     assert (ROOT / "docs" / "design.md").is_file()
+
+
+def test_the_timetable_grids_in_the_design_are_what_the_code_renders():
+    from hpcaux.train.lp.schedule import Plan, render
+
+    doc = (ROOT / "docs" / "design.md").read_text()
+    shown = re.findall(r"`(Plan\([^`]*\))`\n\n((?:    stage \d+:.*\n)+)", doc)
+    assert len(shown) == 5
+    for plan, grid in shown:
+        assert "\n".join(line[4:] for line in grid.splitlines()) == render(eval(plan, {"Plan": Plan})), plan
