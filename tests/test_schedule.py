@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, timetable
+from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, timetable, weight_versions
 from hpcaux.train.lp.schedule_check import TimetableError, check_plan, check_tables
 
 pytestmark = pytest.mark.quick
@@ -126,3 +126,12 @@ def test_checker_catches_an_own_term_back_propagated_twice():
 def test_unknown_path_is_refused():
     with pytest.raises(ValueError, match="unknown timetable path 'replay'"):
         timetable(Plan("replay", 2, 2), 0)
+
+
+@pytest.mark.parametrize("M,held", [(1, [7, 5, 3, 0]), (2, [4, 3, 2, 0]), (8, [2, 2, 2, 0])])
+def test_a_stage_holds_one_weight_version_per_step_its_kept_graphs_span(M, held):
+    """K = 4: stage k holds 2(K-1-k) + 1 micro-batches' graphs in a tick (the one it makes
+    and the one it frees); with M = 8 they span at most two steps, so every stage holds at
+    most two weight copies, where one copy per graph held 7, 5 and 3."""
+    plan = Plan("chained", 4, 16, M, "only", "fused")
+    assert [weight_versions(plan, k) for k in range(4)] == held

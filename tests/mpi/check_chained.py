@@ -7,8 +7,10 @@ j+k+2(K-1-k). So the gradient stage k holds after step s must be the mean, over 
 exchange steps u of step s, of the gradient of the last stage's cross-entropy on
 micro-batch j = u-k-2(K-1-k) through the network composed of every stage m at the weights
 of the step that held exchange step j+m. That is recomputed here on one process from
-per-step copies of every stage, and compared with what each rank's step left in .grad. A stop after the last step checked settles without a hang and saves, per stage,
-one kept graph per step of its delay (test_faults checks that the resume is exact).
+per-step copies of every stage, and compared with what each rank's step left in .grad. A
+stop after the last step checked settles without a hang and saves, per stage, one kept
+graph per step of its delay, on one weight version per optimiser step those graphs span
+(test_faults checks that the resume is exact).
 """
 import copy
 import sys
@@ -50,7 +52,12 @@ state = exchange.settle(trainer.step.real_input_gradient)  # a stop after step S
 due = [item["due"] for item in state["kept"]]
 if k < K - 1:
     assert due == list(range(M * STEPS, M * STEPS + delay(k))), f"stage {k + 1}: kept graphs due at {due}"
-    assert all(item["weights"] is not None for item in state["kept"]), "a kept graph without its weights"
+    assert all(item["version"] is not None for item in state["kept"]), "a kept graph without its weights"
+    # One weight version per step the kept graphs come from, not one per kept graph
+    # (PipeDream-2BW: at most two once M >= 2(K-1)).
+    steps_kept = {(M * STEPS - 1 - t) // M for t in range(delay(k))}
+    assert len(state["versions"]) == len(steps_kept), f"stage {k + 1}: {len(state['versions'])} weight versions"
+    print(f"stage {k + 1}: {delay(k)} kept graphs on {len(state['versions'])} weight versions")
     assert (state["kept"][0]["grad"] is not None) == (delay(k) > 0), "the gradient due next step did not arrive"
 assert (state["real"] is not None) == (k > 0), f"stage {k + 1}: real input in flight: {state['real'] is not None}"
 torch.save(record, run_dir / f"record_{k}.pt")

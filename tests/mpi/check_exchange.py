@@ -127,7 +127,7 @@ if trainer.layout.is_last:
     record["settled_real"] = state["real"]["tensor"]
 else:
     assert state["real"] is None and [d["due"] for d in pending] == [STEPS, STEPS + 1], state
-    kind = "stage_input" if mode == "replay" else "weights" if mode == "auxless" else "parameter_grads"
+    kind = "stage_input" if mode == "replay" else "version" if mode == "auxless" else "parameter_grads"
     assert all(d.get(kind) is not None for d in pending), pending
 
 # A second stop one step after the resume: what the first stop left for step STEPS+1 is

@@ -287,16 +287,21 @@ class NeighbourExchange:
         return state
 
     def _save_chained(self) -> dict:
-        """The chained pipeline: save what arrived and what rebuilds each kept graph."""
-        state: dict = {"real": None, "labels": list(self.recent_labels), "kept": []}
+        """The chained pipeline: save what arrived and what rebuilds each kept graph; the
+        weights once per version (the micro-batches of a step share theirs, step.py)."""
+        state: dict = {"real": None, "labels": list(self.recent_labels), "kept": [], "versions": []}
         if self.real is not None:
             state["real"] = {"tensor": self.real.wait(), "returned": False}
+        version_of: dict[int, int] = {}
         for kept in self.kept:
+            if kept.stash is not None and id(kept.stash) not in version_of:
+                version_of[id(kept.stash)] = len(state["versions"])
+                state["versions"].append(kept.stash.saved())
             state["kept"].append({
                 "due": kept.due, "grad": kept.pending.wait() if kept.pending is not None else None,
                 "stage_input": kept.stage_input.detach(), "labels": kept.labels,
                 "origin": kept.real.origin if kept.real is not None else None,
-                "weights": kept.stash.saved() if kept.stash is not None else None})
+                "version": version_of.get(id(kept.stash))})
         return state
 
     def _restore(self, state: dict):
@@ -305,14 +310,14 @@ class NeighbourExchange:
         self.recent_labels.extend(labels.to(self.device) for labels in state["labels"])
         if state["real"] is not None:
             self.real, self.real_returned = ready(state["real"]["tensor"]), state["real"]["returned"]
+        versions = [WeightStash.restored(self.modules, weights, self.device) for weights in state.get("versions", [])]
         for item in state.get("kept", []):
             grad = ready(item["grad"]) if item["grad"] is not None else None
             labels = item["labels"].to(self.device) if item["labels"] is not None else None
             stage_input = item["stage_input"].to(self.device)
             real = RealInput(stage_input.requires_grad_(), labels, item["origin"]) if item["origin"] is not None \
                 else None
-            stash = WeightStash.restored(self.modules, item["weights"], self.device) \
-                if item["weights"] is not None else None
+            stash = versions[item["version"]] if item["version"] is not None else None
             self.kept.append(DelayedGradient(item["due"], stage_input, stash=stash, real=real, labels=labels,
                                              pending=grad))
         for item in state.get("delayed", []):

@@ -211,6 +211,18 @@ def _gpipe(plan: Plan, k: int, backward: bool) -> list[Action]:
     return acts
 
 
+def weight_versions(plan: Plan, stage: int) -> int:
+    """The most weight versions `stage` holds at once for its kept graphs: one per
+    optimiser step their forwards ran in, since a step's micro-batches share its weights
+    (PipeDream-2BW: at most two once M >= 2(K-1)); without micro-batches one per kept
+    graph. A tick holds the graph it makes and the one its backward frees."""
+    table = timetable(plan, stage)
+    forward = {a.batch: a.tick for a in table if a.op is Op.FORWARD and a.what != "real"}
+    kept = [(forward[b], a.tick) for a in table if a.op is Op.BACKWARD for kind, b in a.roots if kind == "returned"]
+    return max((len({f // plan.microbatches for f, back in kept if f <= u <= back}) for u in range(plan.ticks)),
+               default=0)
+
+
 def render(plan: Plan) -> str:
     """The timetable as a grid, a row per stage and a column per tick (docs/design.md):
     `F3` the forward of micro-batch 3 (`R2` the exchange's forward on a real input of 2),

@@ -82,6 +82,7 @@ class LayerParallelStep:
         self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
         self.allreduce_values = 0
         self.epoch_stats = self.fresh_stats()
+        self.weight_version: WeightStash | None = None  # this step's, shared by its kept micro-batches
 
     @staticmethod
     def fresh_stats() -> dict:
@@ -117,6 +118,7 @@ class LayerParallelStep:
         lp.microbatches M > 1 the batch goes through the pipeline as M micro-batches, each
         one step of the exchange, and .grad holds the mean of their gradients."""
         self.stage_opt.zero_grad(set_to_none=True)
+        self.weight_version = None
         M = self.cfg.lp.microbatches
         if M == 1:
             step = self._micro_step(x, y, idx, rho)
@@ -155,9 +157,7 @@ class LayerParallelStep:
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
         terms, out, real_out = [], None, None
-        stash = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
-                            steps_ahead=lp.weight_prediction * exchange.delay / (2 * lp.microbatches)) \
-            if exchange and exchange.keeps_graph() else None
+        stash = self._weight_version() if exchange and exchange.keeps_graph() else None
         primary = primary and inp is not None  # aux_source none: a later stage waits for its first real input
         if primary:
             out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, inp)
@@ -194,6 +194,17 @@ class LayerParallelStep:
         return StepOutputs(term, out.detach() if out is not None else None, target, multiplier, inp,
                            {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
                             "comm_s": t_comm})
+
+    def _weight_version(self) -> WeightStash:
+        """The copy of this step's weights that kept graphs are built on. Every micro-batch
+        of a step runs at the same weights, so they share one copy (PipeDream-2BW's weight
+        versions: with M >= 2(K-1) a stage holds at most two), not one per kept graph."""
+        if self.weight_version is None:
+            lp = self.cfg.lp
+            self.weight_version = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
+                                              steps_ahead=lp.weight_prediction * self.exchange.delay
+                                              / (2 * lp.microbatches))
+        return self.weight_version
 
     def _store_real_output(self, idx, out, real, real_out):
         """This stage's real output for stage k+1's next epoch: on the image (the first
