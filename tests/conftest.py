@@ -91,6 +91,15 @@ def installed_backends() -> list[str]:
     return available_backends()
 
 
+def every_backend() -> list:
+    """Every comm backend as a test parameter: one that is not installed shows as a skip
+    with its reason, never silently drops out of the parametrisation."""
+    from hpcaux.comm import REQUIRES
+    return [pytest.param(name, marks=pytest.mark.skipif(name not in installed_backends(),
+                                                        reason=f"comm backend {name} is not installed"))
+            for name in REQUIRES]
+
+
 def digest(folder: Path) -> dict:
     """Every file under `folder` by content hash: equal digests mean nothing was touched."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -3,19 +3,19 @@ import time
 
 import pytest
 
-from conftest import ROOT, check, installed_backends, mpirun
+from conftest import ROOT, check, every_backend, installed_backends, mpirun
 
 SCRIPTS = ROOT / "tests" / "mpi"
 
 
 @pytest.mark.parametrize("np", [2, 3])
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_collectives(backend, np):
     proc = check(mpirun(np, ["python", str(SCRIPTS / "check_comm.py"), backend], timeout=120))
     assert proc.stdout.count("comm checks passed") == np
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_watchdog_aborts_a_hang_and_names_the_peer(backend):
     started = time.monotonic()
     proc = mpirun(2, ["python", str(SCRIPTS / "hang.py"), backend, "3"], timeout=90)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import HPCAUX, ROOT, assert_same_final_weights, check, installed_backends, mpirun, run
+from conftest import HPCAUX, ROOT, assert_same_final_weights, check, every_backend, installed_backends, mpirun, run
 from hpcaux.config import load_config
 from hpcaux.train.run.schedules import learning_rate
 
@@ -17,14 +17,14 @@ def _check_script(np, script, *args, timeout=240):
 
 
 @pytest.mark.parametrize("np", [2, 3])
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_gradients_equal_single_process_joint_loss(backend, np, cifar_root, tmp_path):
     out = _check_script(np, "check_gradients.py", backend, cifar_root, tmp_path, np, 1, "penalty", "al")
     assert out.count("penalty gradients match") == np
     assert out.count("al gradients match") == np
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_k2_d2_gradients_equal_one_process_on_the_global_batch(backend, cifar_root, tmp_path):
     """Replicas agreeing with each other is not enough (a wrongly scaled average passes
     that): the averaged gradients must be those of L over both replicas' batches."""
@@ -45,7 +45,7 @@ def test_finetune_step_equals_one_process_backprop(K, D, M, cifar_root, tmp_path
 
 
 @pytest.mark.parametrize("mode", ["keep", "fused", "replay", "auxless"])
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode, backend, cifar_root, tmp_path):
     out = _check_script(2, "check_exchange.py", backend, cifar_root, tmp_path, mode)
     assert f"exchange ({mode}): real inputs one step late" in out
@@ -79,7 +79,7 @@ def test_composed_evaluation_equals_single_process(np, cifar_root, tmp_path):
     assert "across ranks ==" in _check_script(np, "check_composed.py", backend, cifar_root, tmp_path)
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_k2_d2_keeps_replicas_identical(backend, cifar_root, tmp_path):
     assert _check_script(4, "check_replicas.py", backend, cifar_root, tmp_path, 2, 2).count("identical") == 4
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, finish, installed_backends, mpirun,
+from conftest import (HPCAUX, MPI_ENV, ROOT, assert_same_final_weights, check, every_backend, finish, mpirun,
                       mpirun_command, wait_for_epochs)
 from slurm_cluster import LocalSlurm
 from slurm_cluster import missing as slurm_missing
@@ -72,7 +72,7 @@ def assert_placed_on_two_nodes(summary):
         assert {p["host"] for p in placement if p["stage"] == stage} == set(NODES), placement
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", every_backend())
 def test_k2_d2_across_two_nodes_equals_one_host(backend, nodes, tmp_path, cifar_root):
     # per-sample multipliers: the two replicas, one on each node, write rows of one array
     common = [f"data.root={cifar_root}", f"comm.backend={backend}", "train.epochs=2", "lp.loss=al",

@@ -33,7 +33,7 @@ for balance in ("time", "flops", "configured"):
     everyone = comm.gather_per_rank({f"cut {i}": float(c) for i, c in enumerate(part.cuts)})
     assert all((column == column[0]).all() for column in everyone.values()), f"rank {rank}: {balance}: {everyone}"
     assert len(part.cuts) == K - 1 and len(part.stage_ms) == K and min(part.stage_ms) > 0, part
-    assert part.imbalance >= 0 and part.samples == 8, part
+    assert part.samples == 8, part
     if balance == "flops":
         assert part.cuts == balanced_cuts(block_flops(build_model("resnet20", 10), sample), K), part.cuts
     if balance == "configured":
