@@ -47,6 +47,8 @@ def test_bench_runs_every_method_and_writes_the_report(tmp_path, cifar_root):
     reused = check(run([HPCAUX, "bench", "--config", str(BENCH), "--out", str(out), "--quick", "--reuse",
                         f"data.root={cifar_root}", *TINY], timeout=300))
     assert reused.stdout.count("reusing") == 8
+    assert "| 1. serial backprop" in proc.stdout and "(reused: ran before this invocation)" not in proc.stdout
+    assert reused.stdout.count("(reused: ran before this invocation)") == 8  # every row of the table says so
 
 
 def test_cost_model_projection_alone(tmp_path):
@@ -55,3 +57,12 @@ def test_cost_model_projection_alone(tmp_path):
     assert "| resnet110 | 32 | 128 | 16 |" in table and "25 GB/s" in table
     speedups = [float(line.split("|")[-2].split("×")[0]) for line in table.splitlines() if "× (of" in line]
     assert speedups and all(1 < s for s in speedups)
+
+
+def test_cost_model_counts_an_imagenet_resnet_down_to_a_one_pixel_feature_map():
+    """ResNet-18 at 32 px ends at 1x1 feature maps: the one-image MAC count must not trip
+    BatchNorm (it did, in training mode, after protocol C's methods had all run)."""
+    from hpcaux.bench.cost_model import project
+
+    row, = project(8, 1, 5e12, ks=(2,), models=(("resnet18", 10, 32, 8),))
+    assert row["T_serial_ms"] > 0 and 1 < row["speedup"] < 2

@@ -21,8 +21,9 @@ def results_table(results: dict) -> str:
             continue
         speedup = rec["samples_per_s"] / ref["samples_per_s"] if "error" not in ref else float("nan")
         diff = (rec["test_acc"] - ref["test_acc"]) * 100 if "error" not in ref else float("nan")
+        reused = " (reused: ran before this invocation)" if rec.get("reused") else ""
         lines.append(
-            f"| {i}. {rec['label']} | {rec['ranks']} × {rec['threads']} | {rec['samples_per_s']:.0f} | "
+            f"| {i}. {rec['label']}{reused} | {rec['ranks']} × {rec['threads']} | {rec['samples_per_s']:.0f} | "
             f"{speedup:.2f}× | {rec['step_ms']:.0f} | {_ms(rec['stage_ms_per_rank'])} | {_ms(rec['aux_ms_per_rank'])} | "
             f"{_ms(rec['comm_ms_per_rank'])} | {_ms(rec['idle_ms_per_rank'])} | {_ms(rec['peak_mem_mb_per_rank'])} | "
             f"{rec['test_acc']:.4f} | {diff:+.2f} pt | {rec['epochs']} |")

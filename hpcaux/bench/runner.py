@@ -54,8 +54,9 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
 def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool) -> dict:
     method = spec.method(name)
     run_dir = out / "runs" / name
-    record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K)}
-    if reuse and (run_dir / "summary.json").exists():
+    reused = reuse and (run_dir / "summary.json").exists()
+    record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K), "reused": reused}
+    if reused:
         print(f"bench: {name}: reusing {run_dir}", flush=True)
     else:
         overrides = shared + method_overrides(method, spec.K, cfg.train.batch_size, cfg.train.epochs,
