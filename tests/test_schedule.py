@@ -59,17 +59,18 @@ def test_allreduce_and_optimiser_step_once_per_batch_of_m_micro_batches():
     assert sum(a.op is Op.ALLREDUCE for a in table) == 5
 
 
-def altered(plan: Plan, stage: int, change) -> list[list[Action]]:
-    tables = [timetable(plan, k) for k in range(plan.K)]
+def assert_caught(plan: Plan, stage: int, change, message: str):
+    """The checker rejects the plan's timetables with `change` applied to one stage's."""
+    tables: list[list[Action]] = [timetable(plan, k) for k in range(plan.K)]
     tables[stage] = change(tables[stage])
-    return tables
+    with pytest.raises(TimetableError, match=message):
+        check_tables(plan, tables)
 
 
 def test_checker_catches_a_lost_send():
     plan = Plan("chained", 3, 4, 1, "only", "keep")
     lost = next(a for a in timetable(plan, 0) if a.op is Op.SEND)
-    with pytest.raises(TimetableError, match="stage 0 sends to stage 1"):
-        check_tables(plan, altered(plan, 0, lambda t: [a for a in t if a != lost]))
+    assert_caught(plan, 0, lambda t: [a for a in t if a != lost], "stage 0 sends to stage 1")
 
 
 def test_checker_catches_messages_sent_out_of_the_order_they_are_received():
@@ -80,8 +81,7 @@ def test_checker_catches_messages_sent_out_of_the_order_they_are_received():
         table = list(table)
         table[at[0]], table[at[1]] = table[at[1]], table[at[0]]
         return table
-    with pytest.raises(TimetableError, match=r"they first differ at message 0: sent \[\('activation', 1\)\]"):
-        check_tables(plan, altered(plan, 0, swap_first_two_sends))
+    assert_caught(plan, 0, swap_first_two_sends, r"they first differ at message 0: sent \[\('activation', 1\)\]")
 
 
 def test_checker_reports_a_deadlock_rank_by_rank():
@@ -91,9 +91,8 @@ def test_checker_reports_a_deadlock_rank_by_rank():
     def wait_first(table):
         waits = [a for a in table if a.op in (Op.RECV_POST, Op.RECV_WAIT)]
         return waits + [a for a in table if a not in waits]
-    with pytest.raises(TimetableError, match="deadlock: stage 0 at tick 1 waits on gradient 0 from stage 1; "
-                                             "stage 1 at tick 0 waits on activation 0 from stage 0"):
-        check_tables(plan, altered(plan, 0, wait_first))
+    assert_caught(plan, 0, wait_first, "deadlock: stage 0 at tick 1 waits on gradient 0 from stage 1; "
+                                       "stage 1 at tick 0 waits on activation 0 from stage 0")
 
 
 def test_checker_catches_a_gradient_applied_a_tick_late():
@@ -109,8 +108,7 @@ def test_checker_catches_a_gradient_applied_a_tick_late():
                 a = dataclasses.replace(a, roots=a.roots + tuple(moved))
             out.append(a)
         return out
-    with pytest.raises(TimetableError, match=r"stage 0's returned gradients come \[2, 3\] ticks after"):
-        check_tables(plan, altered(plan, 0, one_tick_late))
+    assert_caught(plan, 0, one_tick_late, r"stage 0's returned gradients come \[2, 3\] ticks after")
 
 
 def test_checker_catches_an_own_term_back_propagated_twice():
@@ -119,8 +117,7 @@ def test_checker_catches_an_own_term_back_propagated_twice():
     def twice(table):
         return [dataclasses.replace(a, roots=a.roots + (("own", 0),)) if a.op is Op.BACKWARD and a.tick == 1 else a
                 for a in table]
-    with pytest.raises(TimetableError, match="stage 1 back-propagates its own terms other than once"):
-        check_tables(plan, altered(plan, 1, twice))
+    assert_caught(plan, 1, twice, "stage 1 back-propagates its own terms other than once")
 
 
 def test_unknown_path_is_refused():
