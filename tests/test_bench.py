@@ -47,7 +47,7 @@ def test_bench_runs_every_method_and_writes_the_report(tmp_path, cifar_root):
     reused = check(run([HPCAUX, "bench", "--config", str(BENCH), "--out", str(out), "--quick", "--reuse",
                         f"data.root={cifar_root}", *TINY], timeout=300))
     assert reused.stdout.count("reusing") == 8
-    assert "| 1. serial backprop" in proc.stdout and "(reused: ran before this invocation)" not in proc.stdout
+    assert "(reused: ran before this invocation)" not in proc.stdout
     assert reused.stdout.count("(reused: ran before this invocation)") == 8  # every row of the table says so
 
 

@@ -9,6 +9,7 @@ from hpcaux.bench.report import projection_header, projection_table, write_repor
 from hpcaux.bench.runner import check_bench_dir, run_bench
 from hpcaux.bench.spec import load_bench
 from hpcaux.config import load_config
+from hpcaux.data.sets import image_size
 from hpcaux.errors import UserError
 
 
@@ -40,8 +41,8 @@ def bench(bench_file: str, out: Path, quick: bool, reuse: bool, overwrite: bool,
 def _projections(cfg, results: dict | None) -> dict:
     """The cost model's table; the AuxNet time scale is calibrated on the bench's own model
     and image size (an ImageNet-folder bench at 128 px is not a CIFAR one at 32)."""
-    size = (cfg.data.image_size or 224) if cfg.data.dataset == "imagenet" else 32
-    scale = (aux_scale_from_bench(results, cfg.auxnet.width, cfg.auxnet.depth, cfg.model.arch, size=size)
+    scale = (aux_scale_from_bench(results, cfg.auxnet.width, cfg.auxnet.depth, cfg.model.arch,
+                                  size=image_size(cfg.data))
              if results else 1.0)
     return {"rate": GPU_MACS_PER_S, "aux_scale": scale,
             "rows": project(cfg.auxnet.width, cfg.auxnet.depth, GPU_MACS_PER_S, aux_scale=scale)}

@@ -247,6 +247,12 @@ def cut_timing_sample(data: TrainingData, device, size: int) -> torch.Tensor:
     return data.normalized_train(torch.arange(max(1, min(size, data.n_train))), device)
 
 
+def image_size(data_cfg) -> int:
+    """The side of the images a model trains on: CIFAR's 32, or the configured crop of
+    ImageNet folders (`data.image_size`, 0 meaning ImageNet's 224)."""
+    return (data_cfg.image_size or 224) if data_cfg.dataset == "imagenet" else 32
+
+
 def load_data(data_cfg, seed: int) -> TrainingData:
     """The configured data set: the validation split held out (`data.val_subset`, drawn by
     `data.val_seed`) and the stratified training subset drawn by `seed` from the rest."""
@@ -257,7 +263,7 @@ def load_data(data_cfg, seed: int) -> TrainingData:
 
         labels = torch.tensor(datasets.ImageFolder(root / "train").targets)
         split = split_training_set(labels, data_cfg.val_subset, data_cfg.val_seed, data_cfg.train_subset, seed)
-        return ImageFolderData(root, split, data_cfg.image_size or 224, data_cfg.workers)
+        return ImageFolderData(root, split, image_size(data_cfg), data_cfg.workers)
     train_x, train_y = load_split(data_cfg.dataset, root, train=True)
     test = load_split(data_cfg.dataset, root, train=False)
     keep, val = split_training_set(train_y, data_cfg.val_subset, data_cfg.val_seed, data_cfg.train_subset, seed)

@@ -54,6 +54,7 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.comm.base import Pending
+from hpcaux.train.lp.schedule import gradient_delay
 from hpcaux.train.lp.weight_stash import SettledGradients, WeightStash
 from hpcaux.train.run.layout import Layout
 
@@ -104,11 +105,6 @@ class DelayedGradient:
 
 
 KEEPS_GRAPH = ("keep", "fused")
-
-
-def gradient_delay(K: int, stage: int, chained: bool) -> int:
-    """Exchange steps from stage `stage` sending an output to applying its returned gradient."""
-    return 2 * (K - 1 - stage) if chained else 2
 
 
 def graphs_in_flight(K: int, stage: int, chained: bool, delayed_grad: str) -> int:

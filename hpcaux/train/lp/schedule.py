@@ -4,16 +4,17 @@ Every layer-parallel path is a timetable of the same few actions (docs/design.md
 receive or send an activation or a gradient, a stage forward, a backward, the AuxNet's
 forward and backward, the world allreduce and the optimiser step. What differs between
 the paths is only their order and which micro-batch each concerns, so the timetable is
-built here once per path and checked on one process (`check_timetables`) before any
-rank runs it: every send has its receive in the order the receiver posts them, no rank
+built here once per path and checked on one process (schedule_check.check_plan)
+before any rank runs it: every send has its receive in the order the receiver posts them, no rank
 waits on itself or on a collective another rank never reaches, and each stage's
 gradient delay is the one docs/algorithm.md states. The shape follows
 torch.distributed.pipelining's per-rank action lists (F, B, SEND_F, RECV_F, SEND_B,
 RECV_B) and DeepSpeed's `PipeSchedule.steps()`.
 
 Time is counted in ticks: one tick per micro-batch of a step (M ticks a step, T·M an
-epoch; GPipe takes 2M a step, its forwards then its backwards). A stage's forward of micro-batch b and the backward that brings back the
-gradient of its output are `gradient_delay` ticks apart. Receives are non-blocking
+epoch; GPipe takes 2M a step, its forwards then its backwards). A stage's forward of
+micro-batch b and the backward that brings back the gradient of its output are
+`gradient_delay` ticks apart. Receives are non-blocking
 (`RECV_POST` posts one, `RECV_WAIT` completes it, posted a tick early where the path
 overlaps); sends never block. The epoch's fill and drain are the timetable's warm-up
 and cool-down: stage k's first forward and the last micro-batches whose gradients would
@@ -44,7 +45,7 @@ class Op(Enum):
     RECV_WAIT = "recv_wait"      # complete a posted receive (blocks until the peer sent)
     SEND = "send"                # non-blocking send
     AUX_FORWARD = "aux_forward"  # the AuxNet heads this stage needs
-    FORWARD = "forward"          # the stage on one input (`source`)
+    FORWARD = "forward"          # the stage on one input (`what`)
     BACKWARD = "backward"        # one backward from the roots in `roots`
     AUX_BACKWARD = "aux_backward"
     ALLREDUCE = "allreduce"      # the world allreduce (AuxNet gradients and/or the stop vote)
@@ -86,8 +87,9 @@ class Plan:
 
 
 def gradient_delay(K: int, stage: int, chained: bool) -> int:
-    """Ticks from a stage's forward of a micro-batch to the backward of its returned
-    gradient (docs/algorithm.md): 2 with the AuxNet, 2(K-1-k) in the chained pipeline."""
+    """Ticks (exchange steps) from a stage's forward of a micro-batch to the backward of its
+    returned gradient (docs/algorithm.md): 2 with the AuxNet, 2(K-1-k) in the chained
+    pipeline. The running exchange (exchange.py) takes its delays from here too."""
     return 2 * (K - 1 - stage) if chained else 2
 
 
@@ -121,7 +123,7 @@ def _keeps(plan: Plan, k: int, u: int, chained: bool) -> bool:
 
 def _exchange_tick(plan: Plan, k: int, u: int) -> list[Action]:
     """The AuxNet with the neighbour exchange: every boundary a two-tick exchange."""
-    K, last, U = plan.K, plan.K - 1, plan.ticks
+    last, U = plan.K - 1, plan.ticks
     acts = []
     if _keeps(plan, k, u - 1, chained=False):   # the gradient due next tick
         acts.append(Action(Op.RECV_POST, u, u - 1, k + 1, "gradient"))
@@ -211,14 +213,20 @@ def _gpipe(plan: Plan, k: int, backward: bool) -> list[Action]:
     return acts
 
 
+def kept_graphs(table: list[Action]) -> list[tuple[int, int]]:
+    """(tick of the forward, tick of the backward) of every graph a stage keeps until the
+    gradient of its output returns: the forward on its primary input (not the exchange's
+    second forward on a real input) of each micro-batch a backward gets back."""
+    forward = {a.batch: a.tick for a in table if a.op is Op.FORWARD and a.what != "real"}
+    return [(forward[b], a.tick) for a in table if a.op is Op.BACKWARD for kind, b in a.roots if kind == "returned"]
+
+
 def weight_versions(plan: Plan, stage: int) -> int:
     """The most weight versions `stage` holds at once for its kept graphs: one per
     optimiser step their forwards ran in, since a step's micro-batches share its weights
     (PipeDream-2BW: at most two once M >= 2(K-1)); without micro-batches one per kept
     graph. A tick holds the graph it makes and the one its backward frees."""
-    table = timetable(plan, stage)
-    forward = {a.batch: a.tick for a in table if a.op is Op.FORWARD and a.what != "real"}
-    kept = [(forward[b], a.tick) for a in table if a.op is Op.BACKWARD for kind, b in a.roots if kind == "returned"]
+    kept = kept_graphs(timetable(plan, stage))
     return max((len({f // plan.microbatches for f, back in kept if f <= u <= back}) for u in range(plan.ticks)),
                default=0)
 

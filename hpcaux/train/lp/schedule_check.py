@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, timetable
+from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, kept_graphs, timetable
 
 
 class TimetableError(AssertionError):
@@ -114,24 +114,17 @@ def _run_together(plan: Plan, tables: list[list[Action]]):
 def _check_backwards(plan: Plan, k: int, table: list[Action]):
     """Own terms once each; returned gradients at the stated delay and count."""
     chained = plan.path == "chained"
-    forward_tick = {a.batch: a.tick for a in table if a.op is Op.FORWARD and a.what != "real"}
-    roots = Counter()
-    delays = set()
-    for a in table:
-        if a.op is not Op.BACKWARD:
-            continue
-        for kind, batch in a.roots:
-            roots[(kind, batch)] += 1
-            if kind == "returned":
-                delays.add(a.tick - forward_tick[batch])
+    forwards = {a.batch for a in table if a.op is Op.FORWARD and a.what != "real"}
+    roots = Counter(root for a in table if a.op is Op.BACKWARD for root in a.roots)
     own = {b for kind, b in roots if kind == "own"}
-    if own != set(forward_tick) or any(n != 1 for key, n in roots.items() if key[0] in ("own", "returned")):
-        missing = sorted(set(forward_tick) - own)[:3]
+    if own != forwards or any(n != 1 for key, n in roots.items() if key[0] in ("own", "returned")):
+        missing = sorted(forwards - own)[:3]
         _fail(plan, f"stage {k} back-propagates its own terms other than once per forward (missing {missing})")
-    returned = sum(1 for kind, _ in roots if kind == "returned")
+    kept = kept_graphs(table)
     expected = _expected_returns(plan, k, chained)
-    if returned != expected:
-        _fail(plan, f"stage {k} back-propagates {returned} returned gradients, docs/algorithm.md counts {expected}")
+    if len(kept) != expected:
+        _fail(plan, f"stage {k} back-propagates {len(kept)} returned gradients, docs/algorithm.md counts {expected}")
+    delays = {back - forward for forward, back in kept}
     if delays - {gradient_delay(plan.K, k, chained)}:
         _fail(plan, f"stage {k}'s returned gradients come {sorted(delays)} ticks after their forwards, "
                     f"not {gradient_delay(plan.K, k, chained)}")
