@@ -110,8 +110,9 @@ class LayerParallelConfig:
     real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
     real_source: str = field(default="exchange", metadata={"choices": ("exchange", "store"), "help": "where lp.real_inputs come from: exchange (stage k's output of the previous step, sent point to point) or store (stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs store.mode mpio and lp.delayed_grad none; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused", "replay"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still: through the graph it kept (fused: together with its own term of that batch, one backward per step), or by replaying the batch (needs real_inputs)"})
+    relay: bool = field(default=False, metadata={"help": "the AuxNet at every boundary (with lp.real_inputs and lp.delayed_grad keep or fused): a middle stage sends on its output on the real input it received, not on the AuxNet's prediction, so stage k's real input is the composition F_{k-1}(...F_0(x)) of the batch k steps back, trained on beside the AuxNet's prediction and pulled towards the AuxNet's target of that batch; every returned gradient stays two steps (micro-batches) late whatever K is (docs/algorithm.md)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
-    microbatches: int = field(default=1, metadata={"min": 1, "help": "the pipeline without an AuxNet (aux_source none): split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch, so stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule; BatchNorm sees micro-batches; docs/algorithm.md)"})
+    microbatches: int = field(default=1, metadata={"min": 1, "help": "split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch: in the pipeline without an AuxNet (aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches)"})
     finetune_schedule: str = field(default="continue", metadata={"choices": ("continue", "restart"), "help": "continue: one learning-rate schedule over both phases, the stage optimisers kept; restart: a fresh optimiser and schedule from lp.finetune_lr (docs/accuracy.md)"})
@@ -284,9 +285,14 @@ def _check_consistency(cfg: Config):
     if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
         raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
                         f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
-    if cfg.lp.microbatches > 1 and cfg.lp.aux_source != "none":
-        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source=none "
-                        "(micro-batches follow each other through the pipeline without an AuxNet)")
+    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.multipliers != "none"):
+        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
+                        "or none and lp.multipliers none (stored z and per-sample multipliers are stepped per batch)")
+    if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
+                         or cfg.lp.aux_source != "auxnet" or cfg.lp.real_source != "exchange"):
+        raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
+                        "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
+                        "its output on the real input and keeps that graph for the returned gradient)")
     if cfg.train.batch_size % cfg.lp.microbatches:
         raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
                         f"'lp.microbatches' ({cfg.lp.microbatches})")

@@ -92,6 +92,14 @@ CATALOGUE = {
     "weight prediction without a kept forward": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                      "lp.weight_prediction=2"],
                                                  "config key 'lp.weight_prediction' is 2, which needs lp.delayed_grad keep"),
+    "relay without a kept graph": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.real_inputs=beside",
+                                       "lp.relay=true"],
+                                   "config key 'lp.relay' is true, which needs lp.real_inputs beside or only, "
+                                   "lp.delayed_grad keep or fused"),
+    "micro-batches with per-sample multipliers": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al",
+                                                      "lp.multipliers=per_sample", "lp.microbatches=2"],
+                                                  "config key 'lp.microbatches' is 2, which needs lp.aux_source auxnet "
+                                                  "or none and lp.multipliers none"),
     "real inputs from the store with a delayed gradient": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                                "lp.real_inputs=beside", "lp.real_source=store",
                                                                "lp.delayed_grad=keep"],

@@ -51,6 +51,15 @@ def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode
     assert f"exchange ({mode}): real inputs one step late" in out
 
 
+@pytest.mark.parametrize("mode", ["keep", "fused"])
+def test_relay_passes_real_inputs_along_the_chain_with_every_gradient_two_steps_late(mode, cifar_root, tmp_path):
+    """lp.relay at K = 3 (the AuxNet at every boundary): stage 2 trains on stage 1's output
+    on stage 0's output, stage 1 returns its real-input term's gradient with the AuxNet
+    target of that batch, and a stop settles the chain (tests/mpi/check_relay.py)."""
+    out = _check_script(3, "check_relay.py", installed_backends()[0], cifar_root, tmp_path, mode)
+    assert f"relay ({mode}): real inputs along the chain, every gradient two steps late" in out
+
+
 def test_real_inputs_from_the_store_are_the_previous_epochs_outputs(cifar_root, tmp_path):
     """lp.real_source store: stage 2 trains on what stage 1 wrote to aux.h5 for the same
     samples one epoch earlier (nothing in the first), in buffers that alternate by epoch."""

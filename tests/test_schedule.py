@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, timetable, weight_versions
+from hpcaux.train.lp.schedule import Action, Op, Plan, gradient_delay, kept_graphs, timetable, weight_versions
 from hpcaux.train.lp.schedule_check import TimetableError, check_plan, check_tables
 
 pytestmark = pytest.mark.quick
@@ -16,6 +16,7 @@ def plans_for(K: int, M: int) -> list[Plan]:
     T = max(3, -(-4 * K // M) + 1)
     return ([Plan("chained", K, T, M, "only", grad) for grad in ("keep", "fused")]
             + [Plan("exchange", K, T, M, real, grad) for real in ("beside", "only") for grad in ("none", "keep", "fused")]
+            + [Plan("exchange", K, T, M, real, grad, relay=True) for real in ("beside", "only") for grad in ("keep", "fused")]
             + [Plan("exchange", K, T, M), Plan("auxnet", K, T, M), Plan("gpipe", K, T, M), Plan("evaluate", K, T, M)])
 
 
@@ -51,6 +52,20 @@ def test_fused_holds_the_own_term_back_for_the_returned_gradient():
     backward = {u: [a.roots for a in table if a.op is Op.BACKWARD and a.tick == u] for u in (3, 5)}
     assert backward[3] == [(("target", 3),), (("real", 2), ("returned", 1), ("own", 1))]
     assert backward[5] == [(("own", 5), ("real", 4), ("returned", 3), ("own", 3))]
+
+
+def test_relay_passes_the_real_inputs_along_and_returns_each_gradient_two_ticks_after_its_send():
+    """lp.relay at K = 4: stage k's real input at tick u is micro-batch u-k (the
+    composition of the stages before it), and every stage's returned gradient comes two
+    ticks after the send, whatever k; a middle stage holds back no own term in fused mode."""
+    plan = Plan("exchange", 4, 7, 1, "beside", "fused", relay=True)
+    tables = check_plan(plan)
+    for k in range(1, 4):
+        reals = {a.tick: a.batch for a in tables[k] if a.op is Op.FORWARD and a.what == "real"}
+        assert reals == {u: u - k for u in range(k, 7)}
+    for k in range(3):
+        assert {back - sent for sent, back in kept_graphs(tables[k])} == {2}
+    assert not any(kind == "target" for a in tables[1] if a.op is Op.BACKWARD for kind, _ in a.roots)
 
 
 def test_allreduce_and_optimiser_step_once_per_batch_of_m_micro_batches():

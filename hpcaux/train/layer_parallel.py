@@ -126,7 +126,7 @@ class LayerParallelTrainer:
         M = cfg.lp.microbatches
         exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                      cfg.lp.delayed_grad, (self.stage, self.local_head),
-                                     chained=chained) \
+                                     chained=chained, relay=cfg.lp.relay) \
             if exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
             if cfg.lp.real_source == "store" else None

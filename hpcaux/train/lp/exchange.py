@@ -17,7 +17,13 @@ the same batches):
   the same backward: one backward of the stage per step instead of two.
 
 With the AuxNet every boundary is its own two-step exchange (`delay` 2): stage k+1 returns
-the gradient of the real input in the step it arrives. Without it (`chained`, lp.aux_source
+the gradient of the real input in the step it arrives. What a middle stage sends on is its
+output on the AuxNet's prediction, or with `relay` (the AuxNet at every boundary) its output
+on the real input it received: then the real inputs form a chain, stage k's being the
+composition F_{k-1}(...F_0(x)) of the batch drawn k steps back, as in the pipeline, while
+every returned gradient stays two steps late, as with the AuxNet; the graph a relaying
+stage keeps is that of its real-input forward, and its real-input term includes the
+AuxNet's target of that batch (`remember_target`). Without it (`chained`, lp.aux_source
 none) the stages form a pipeline: stage k > 0 has no input but the real one, so it runs
 batch b_{s-k} at step s, keeps that graph, and back-propagates it only when stage k+1's
 gradient for it returns; then it returns its own input gradient of that batch. Stage k's
@@ -66,6 +72,7 @@ class RealInput:
     labels: torch.Tensor
     origin: int                # the step of the epoch stage k-1 sent it at
     returned: bool = False     # its gradient went back already (at a stop, before the save)
+    target: torch.Tensor | None = None  # `relay`, a middle stage: the AuxNet's target of its batch
 
 
 @dataclass
@@ -115,23 +122,28 @@ def graphs_in_flight(K: int, stage: int, chained: bool, delayed_grad: str) -> in
 
 class NeighbourExchange:
     def __init__(self, comm: Comm, layout: Layout, shapes: list[tuple], batch_size: int, steps_per_epoch: int,
-                 device: torch.device, delayed_grad: str, modules: tuple = (), chained: bool = False):
+                 device: torch.device, delayed_grad: str, modules: tuple = (), chained: bool = False,
+                 relay: bool = False):
         """`modules`: the stage and its local head (or None), whose parameters the delayed
-        gradients reach. `chained`: the pipeline without an AuxNet (module docstring)."""
+        gradients reach. `chained`: the pipeline without an AuxNet; `relay`: the AuxNet's
+        exchange with the real inputs passed on (module docstring)."""
         self.comm, self.steps, self.device, self.delayed_grad = comm, steps_per_epoch, device, delayed_grad
         self.modules, self.chained = modules, chained
         s, K = layout.stage, layout.K
+        self.relays = relay and 0 < s < K - 1  # a middle stage that sends on its real-input output
         self.prev = layout.rank_of(s - 1) if s > 0 else None
         self.next = layout.rank_of(s + 1) if s < K - 1 else None
         self.in_shape = (batch_size, *shapes[s - 1]) if s > 0 else None
         self.out_shape = (batch_size, *shapes[s]) if s < K - 1 else None
         # Steps from sending an output to applying its gradient, here and on stage k-1;
         # steps from a batch's draw to its real input's arrival here; the first step at
-        # which stage k-1 has an output to send.
+        # which stage k-1 has an output to send, and this stage.
         self.delay = gradient_delay(K, s, chained)
         self.prev_delay = gradient_delay(K, s - 1, chained)
-        self.lag = s if chained else 1
-        self.prev_starts = s - 1 if chained else 0
+        along_chain = chained or relay
+        self.lag = s if along_chain else 1
+        self.prev_starts = s - 1 if along_chain else 0
+        self.first_send = s if along_chain else 0
         self.gradient_wait_s = 0.0  # waiting for returned gradients, since take_gradient_wait
         self.start_epoch(0)
 
@@ -143,6 +155,7 @@ class NeighbourExchange:
         self.real: Pending | None = None       # real input of the previous step, in flight
         self.real_returned = False
         self.recent_labels: deque = deque(maxlen=self.lag)  # of the last `lag` steps, oldest first
+        self.recent_targets: deque = deque(maxlen=self.lag)  # `relay`: the AuxNet's, likewise
         self.kept: deque[DelayedGradient] = deque()         # oldest first
         if state:
             self._restore(state)
@@ -160,13 +173,19 @@ class NeighbourExchange:
         real = None
         if self.real is not None:
             real = RealInput(self.real.wait().requires_grad_(), self.recent_labels[0], self.step - 1,
-                             self.real_returned)
+                             self.real_returned, self.recent_targets[0] if self.relays else None)
         self.recent_labels.append(labels)
         self.real, self.real_returned = None, False
         if self.prev_starts <= self.step <= self.steps - 2:
             self.real = self.comm.irecv(torch.empty(self.in_shape, device=self.device), self.prev,
                                         what="irecv real activation")
         return real
+
+    def remember_target(self, target: torch.Tensor):
+        """`relay`: this step's AuxNet target, for the real input of this batch that
+        arrives `lag` steps later."""
+        if self.relays:
+            self.recent_targets.append(target.detach())
 
     # --- the receiving side (stage k > 0) ---------------------------------------------
     def return_gradient(self, real: RealInput | None, delayed: DelayedGradient | None):
@@ -204,15 +223,17 @@ class NeighbourExchange:
 
     def _keeps(self, step: int) -> bool:
         """Whether the gradient for the output of `step` returns within the epoch."""
-        return self.next is not None and step + self.delay <= self.steps - 1
+        return self.next is not None and self.first_send <= step and step + self.delay <= self.steps - 1
 
     def keeps_graph(self) -> bool:
         """Whether this step's forward graph must outlive its backward (`keep`, `fused`)."""
         return self.delayed_grad in KEEPS_GRAPH and self._keeps(self.step)
 
     def defers_own_term(self) -> bool:
-        """Whether this step's own term waits for the returned gradient (`fused` mode)."""
-        return self.delayed_grad == "fused" and self.keeps_graph()
+        """Whether this step's own term waits for the returned gradient (`fused` mode; not
+        where the kept graph is a relaying stage's real-input forward, whose term's input
+        gradient goes back at once)."""
+        return self.delayed_grad == "fused" and self.keeps_graph() and not self.relays
 
     def delayed_gradient(self) -> DelayedGradient | None:
         """The kept batch whose gradient is due this step, with the gradient."""
@@ -248,9 +269,9 @@ class NeighbourExchange:
     # --- a stop inside the epoch --------------------------------------------------------
     def settle(self, input_gradient) -> dict:
         """A stop after this epoch's step `self.step - 1`: settle the work in flight and
-        return what a resume needs (module docstring). `input_gradient(real, labels)`: this
-        stage's gradient of its real-input term with respect to `real`, as the next step
-        would compute it (used with the AuxNet only)."""
+        return what a resume needs (module docstring). `input_gradient(real)`: this stage's
+        gradient of its real-input term with respect to the RealInput `real` (its tensor,
+        labels and, relayed, target), as the next step would compute it (with the AuxNet only)."""
         state = self._save_chained() if self.chained else self._settle_two_step(input_gradient)
         for pending in self.sends:
             pending.wait()
@@ -260,12 +281,15 @@ class NeighbourExchange:
     def _settle_two_step(self, input_gradient) -> dict:
         """With the AuxNet: finish both pending gradients now. Stage k+1 sends before
         stage k waits, so a middle stage (both roles) cannot deadlock."""
-        state: dict = {"real": None, "labels": list(self.recent_labels), "delayed": []}
+        state: dict = {"real": None, "labels": list(self.recent_labels), "targets": list(self.recent_targets),
+                       "delayed": []}
         if self.real is not None:
             real = self.real.wait()
             returned = self._returns_gradient_of(self.step - 1)
             if returned:
-                self.sends.append(self.comm.isend(input_gradient(real, self.recent_labels[0]), self.prev,
+                held = RealInput(real, self.recent_labels[0], self.step - 1,
+                                 target=self.recent_targets[0] if self.relays else None)
+                self.sends.append(self.comm.isend(input_gradient(held), self.prev,
                                                   what="isend boundary gradient (stop)"))
             state["real"] = {"tensor": real, "returned": returned}
         for kept in self.kept:
@@ -279,7 +303,7 @@ class NeighbourExchange:
                 state["delayed"].append({"due": kept.due, "grad": kept.grad, "stage_input": kept.stage_input})
                 continue
             torch.autograd.backward(*kept.roots(self.modules[0]))
-            state["delayed"].append({"due": kept.due, "parameter_grads": kept.stash.gradients()})
+            state["delayed"].append({"due": kept.due, "parameter_grads": kept.stash.take_gradients()})
         return state
 
     def _save_chained(self) -> dict:
@@ -304,6 +328,7 @@ class NeighbourExchange:
         def ready(tensor):  # a message that arrived before the save
             return Pending(self.comm, None, "restored", [], tensor.to(self.device))
         self.recent_labels.extend(labels.to(self.device) for labels in state["labels"])
+        self.recent_targets.extend(target.to(self.device) for target in state.get("targets", []))
         if state["real"] is not None:
             self.real, self.real_returned = ready(state["real"]["tensor"]), state["real"]["returned"]
         versions = [WeightStash.restored(self.modules, weights, self.device) for weights in state.get("versions", [])]

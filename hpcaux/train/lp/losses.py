@@ -56,17 +56,23 @@ def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=
 
 
 def real_input_term(output, labels, *, is_last: bool, local_head=None, local_weight: float = 0.0,
-                    criterion=F.cross_entropy) -> StageTerm:
-    """What stage k learns from stage k-1's real output on the previous batch (labels of
-    that batch): the cross-entropy on the last stage, the local classifier's elsewhere
-    (there is no AuxNet target for that batch)."""
+                    target=None, rho: float = 0.0, criterion=F.cross_entropy) -> StageTerm:
+    """What stage k learns from stage k-1's real output on an earlier batch (labels of
+    that batch): the cross-entropy on the last stage, the local classifier's elsewhere,
+    and where the AuxNet's target of that batch is at hand (lp.relay) the penalty pulling
+    the output towards it. The target enters detached: the AuxNet learns its side from
+    the stage's own term."""
     if is_last:
         ce = criterion(output, labels)
         return StageTerm(ce, None, {"real_ce": ce.detach()})
-    if local_head is None or local_weight <= 0:
-        return StageTerm(output.sum() * 0.0, None, {})
-    local_ce = criterion(local_head(output), labels)
-    return StageTerm(local_weight * local_ce, None, {"real_local_ce": local_ce.detach()})
+    loss, parts = output.sum() * 0.0, {}
+    if target is not None:
+        penalty = 0.5 * rho * (output - target.detach()).pow(2).mean()
+        loss, parts["real_penalty"] = loss + penalty, penalty.detach()
+    if local_head is not None and local_weight > 0:
+        local_ce = criterion(local_head(output), labels)
+        loss, parts["real_local_ce"] = loss + local_weight * local_ce, local_ce.detach()
+    return StageTerm(loss, None, parts)
 
 
 def al_update(multiplier: torch.Tensor, residual: torch.Tensor, rho: float) -> torch.Tensor:

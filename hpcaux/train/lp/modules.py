@@ -3,8 +3,6 @@ alone, so that every rank (and the one-process twin in hpcaux.train.lp.joint) bu
 same initial weights without communicating."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from hpcaux.config import Config
@@ -31,15 +29,3 @@ def aux_buffers(auxnet: AuxNet) -> list[torch.Tensor]:
     return [b for b in auxnet.buffers() if b.is_floating_point()]
 
 
-@contextmanager
-def running_statistics_kept(*modules):
-    """Put the modules' buffers (BatchNorm's running statistics) back as they were after
-    the block: for a forward made ahead of its step (the exchange's settle), which the step
-    itself will count."""
-    saved = [(b, b.clone()) for m in modules if m is not None for b in m.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)

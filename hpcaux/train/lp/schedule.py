@@ -25,7 +25,9 @@ Paths:
   auxnet    the AuxNet objective alone: no messages between stages;
   exchange  the AuxNet with the neighbour exchange (lp.real_inputs, lp.delayed_grad):
             stage k trains at tick u on stage k-1's output of tick u-1 as well and
-            gets its own output's gradient back at tick u+2;
+            gets its own output's gradient back at tick u+2; with lp.relay a middle
+            stage sends on its forward on that real input, so stage k's real input is
+            micro-batch u-k, and the gradient still returns two ticks after the send;
   chained   the pipeline without an AuxNet (lp.aux_source none): stage k runs
             micro-batch u-k at tick u, and its gradient returns 2(K-1-k) ticks later;
   gpipe     the end-to-end fine-tune: every micro-batch forward, then every one backward
@@ -80,6 +82,7 @@ class Plan:
     microbatches: int = 1        # M: micro-batches per step
     real_inputs: str = "none"    # exchange: none | beside | only
     delayed_grad: str = "none"   # exchange, chained: none | keep | fused
+    relay: bool = False          # exchange: middle stages send on their real-input forward (lp.relay)
 
     @property
     def ticks(self) -> int:
@@ -113,44 +116,64 @@ def _auxnet_tick(plan: Plan, k: int, u: int) -> list[Action]:
             Action(Op.BACKWARD, u, u, roots=(("own", u),)), Action(Op.AUX_BACKWARD, u, u)]
 
 
+def _first_send(plan: Plan, k: int, chained: bool) -> int:
+    """The first tick at which stage k sends an output on: k along a chain of real inputs
+    (the pipeline, or relayed), else 0."""
+    return k if chained or plan.relay else 0
+
+
+def _sent_batch(plan: Plan, k: int, u: int) -> int:
+    """The micro-batch of the output stage k sends at tick u (with the AuxNet's exchange)."""
+    return u - k if plan.relay else u
+
+
 def _keeps(plan: Plan, k: int, u: int, chained: bool) -> bool:
-    """Whether stage k ran a forward at tick u whose output earns a returned gradient
-    within the epoch (in the chained pipeline stage k's first forward is at tick k)."""
-    first = k if chained else 0
+    """Whether stage k sent an output at tick u whose gradient returns within the epoch
+    (along a chain stage k's first send is at tick k)."""
+    first = _first_send(plan, k, chained)
     return (plan.delayed_grad != "none" and k < plan.K - 1 and u >= first
             and u + gradient_delay(plan.K, k, chained) <= plan.ticks - 1)
 
 
 def _exchange_tick(plan: Plan, k: int, u: int) -> list[Action]:
-    """The AuxNet with the neighbour exchange: every boundary a two-tick exchange."""
+    """The AuxNet with the neighbour exchange: every boundary a two-tick exchange. Relayed,
+    a middle stage sends on its forward on the real input (micro-batch u-k) and keeps that
+    graph, so its own term is never held back."""
     last, U = plan.K - 1, plan.ticks
+    exchanges = plan.real_inputs != "none"
+    relays = plan.relay and 0 < k < last
     acts = []
     if _keeps(plan, k, u - 1, chained=False):   # the gradient due next tick
-        acts.append(Action(Op.RECV_POST, u, u - 1, k + 1, "gradient"))
-    real = k > 0 and u >= 1 and plan.real_inputs != "none"
+        acts.append(Action(Op.RECV_POST, u, _sent_batch(plan, k, u - 1), k + 1, "gradient"))
+    real = k > 0 and exchanges and u >= _first_send(plan, k, chained=False) and u >= 1
+    real_batch = _sent_batch(plan, k - 1, u - 1)
     if real:
-        acts.append(Action(Op.RECV_WAIT, u, u - 1, k - 1, "activation"))
-    if k > 0 and plan.real_inputs != "none" and u <= U - 2:
-        acts.append(Action(Op.RECV_POST, u, u, k - 1, "activation"))
+        acts.append(Action(Op.RECV_WAIT, u, real_batch, k - 1, "activation"))
+    if k > 0 and exchanges and _first_send(plan, k - 1, chained=False) <= u <= U - 2:
+        acts.append(Action(Op.RECV_POST, u, _sent_batch(plan, k - 1, u), k - 1, "activation"))
     primary = not (real and plan.real_inputs == "only" and k == last)
+    sends_on = k < last and exchanges and _first_send(plan, k, chained=False) <= u <= U - 2
     acts.append(Action(Op.AUX_FORWARD, u, u))
     if primary:
         acts.append(Action(Op.FORWARD, u, u, what="image" if k == 0 else "auxnet"))
-        if k < last and plan.real_inputs != "none" and u <= U - 2:
+        if sends_on and not relays:
             acts.append(Action(Op.SEND, u, u, k + 1, "activation"))
     if real:
-        acts.append(Action(Op.FORWARD, u, u - 1, what="real"))
-    deferred = plan.delayed_grad == "fused" and _keeps(plan, k, u, chained=False)
+        acts.append(Action(Op.FORWARD, u, real_batch, what="real"))
+        if sends_on and relays:
+            acts.append(Action(Op.SEND, u, real_batch, k + 1, "activation"))
+    deferred = plan.delayed_grad == "fused" and _keeps(plan, k, u, chained=False) and not relays
     if deferred:   # the AuxNet's side of the held-back own term is taken now (a backward into the target)
         acts.append(Action(Op.BACKWARD, u, u, roots=(("target", u),)))
     roots = [("own", u)] if primary and not deferred else []
-    roots += [("real", u - 1)] if real else []
+    roots += [("real", real_batch)] if real else []
     if _keeps(plan, k, u - 2, chained=False):
-        acts.append(Action(Op.RECV_WAIT, u, u - 2, k + 1, "gradient"))
-        roots += [("returned", u - 2)] + ([("own", u - 2)] if plan.delayed_grad == "fused" else [])
+        done = _sent_batch(plan, k, u - 2)
+        acts.append(Action(Op.RECV_WAIT, u, done, k + 1, "gradient"))
+        roots += [("returned", done)] + ([("own", done)] if plan.delayed_grad == "fused" and not relays else [])
     acts.append(Action(Op.BACKWARD, u, u, roots=tuple(roots)))
     if real and _keeps(plan, k - 1, u - 1, chained=False):
-        acts.append(Action(Op.SEND, u, u - 1, k - 1, "gradient"))
+        acts.append(Action(Op.SEND, u, real_batch, k - 1, "gradient"))
     acts.append(Action(Op.AUX_BACKWARD, u, u))
     return acts
 
@@ -215,10 +238,10 @@ def _gpipe(plan: Plan, k: int, backward: bool) -> list[Action]:
 
 def kept_graphs(table: list[Action]) -> list[tuple[int, int]]:
     """(tick of the forward, tick of the backward) of every graph a stage keeps until the
-    gradient of its output returns: the forward on its primary input (not the exchange's
-    second forward on a real input) of each micro-batch a backward gets back."""
-    forward = {a.batch: a.tick for a in table if a.op is Op.FORWARD and a.what != "real"}
-    return [(forward[b], a.tick) for a in table if a.op is Op.BACKWARD for kind, b in a.roots if kind == "returned"]
+    gradient of its output returns: the forward whose output it sent on, of each
+    micro-batch a backward gets back (a stage sends in the tick of that forward)."""
+    sent = {a.batch: a.tick for a in table if a.op is Op.SEND and a.what == "activation"}
+    return [(sent[b], a.tick) for a in table if a.op is Op.BACKWARD for kind, b in a.roots if kind == "returned"]
 
 
 def weight_versions(plan: Plan, stage: int) -> int:

@@ -134,5 +134,5 @@ def _expected_returns(plan: Plan, k: int, chained: bool) -> int:
     """Micro-batches whose output's gradient stage k gets back within the epoch."""
     if plan.delayed_grad == "none" or k == plan.K - 1 or (not chained and plan.real_inputs == "none"):
         return 0
-    first = k if chained else 0
+    first = k if chained or plan.relay else 0
     return max(0, plan.ticks - first - gradient_delay(plan.K, k, chained))

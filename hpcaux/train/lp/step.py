@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from hpcaux.config import Config
 from hpcaux.store.names import lambda_name, z_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
 from hpcaux.train.lp.exchange import NeighbourExchange
-from hpcaux.train.lp.modules import aux_buffers, running_statistics_kept
+from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.lp.stored_real import StoredRealInputs
 from hpcaux.train.lp.weight_stash import WeightStash
@@ -51,15 +52,21 @@ class StepOutputs:
 
     @staticmethod
     def merged(parts: list["StepOutputs"]) -> "StepOutputs":
-        """One step's outputs from those of its micro-batches (lp.microbatches, without an
-        AuxNet: no target, multiplier or stored input): mean loss and parts, summed times."""
+        """One step's outputs from those of its micro-batches (lp.microbatches: no
+        multiplier or stored input): mean loss and parts, summed times, and the outputs
+        and AuxNet targets of the whole batch where every micro-batch has them."""
         def mean(values):
             return sum(values) / len(values)
+
+        def joined(tensors):
+            return torch.cat(tensors) if all(t is not None for t in tensors) else None
         keys = {k for p in parts for k in p.term.parts}
         term = StageTerm(mean([p.term.loss for p in parts]), None,
                          {k: mean([p.term.parts[k] for p in parts if k in p.term.parts]) for k in keys})
         times = {k: sum(p.times[k] for p in parts) for k in parts[0].times}
-        return StepOutputs(term, parts[-1].output, None, None, None, times)
+        output, target = joined([p.output for p in parts]), joined([p.target for p in parts])
+        return StepOutputs(term, output, target.detach() if output is not None and target is not None else None,
+                           None, None, times)
 
 
 class LayerParallelStep:
@@ -83,6 +90,7 @@ class LayerParallelStep:
         self.allreduce_values = 0
         self.epoch_stats = self.fresh_stats()
         self.weight_version: WeightStash | None = None  # this step's, shared by its kept micro-batches
+        self.rho = cfg.lp.rho0  # the last step's (a stop's real_input_gradient takes the next step's)
 
     @staticmethod
     def fresh_stats() -> dict:
@@ -116,16 +124,19 @@ class LayerParallelStep:
     def compute_gradients(self, x, y, idx, rho: float) -> StepOutputs:
         """Forward, backward and the step's communication; leaves synchronised .grad. With
         lp.microbatches M > 1 the batch goes through the pipeline as M micro-batches, each
-        one step of the exchange, and .grad holds the mean of their gradients."""
+        one step of the exchange, and .grad (the stage's and the AuxNet's) holds the mean
+        of their gradients."""
         self.stage_opt.zero_grad(set_to_none=True)
-        self.weight_version = None
+        if self.aux_opt:
+            self.aux_opt.zero_grad(set_to_none=True)
+        self.weight_version, self.rho = None, rho
         M = self.cfg.lp.microbatches
         if M == 1:
             step = self._micro_step(x, y, idx, rho)
         else:
             chunks = zip(x.chunk(M) if x is not None else [None] * M, y.chunk(M), idx.chunk(M))
             step = StepOutputs.merged([self._micro_step(*chunk, rho) for chunk in chunks])
-            for p in self.stage_params:
+            for p in self.stage_params + (list(self.auxnet.parameters()) if self.auxnet is not None else []):
                 if p.grad is not None:
                     p.grad.div_(M)
         self.stop_vote.loss_finite = torch.isfinite(step.term.loss.detach())  # read with the vote, not now
@@ -143,7 +154,9 @@ class LayerParallelStep:
         gradient stage k+1 returned for an earlier output, and returns its input gradient
         (without an AuxNet the real input is the stage's only one: exchange.py). With
         lp.real_source store the real input is stage k-1's output of last epoch, read from
-        the store, and this stage's real output is written there (stored_real.py)."""
+        the store, and this stage's real output is written there (stored_real.py). With
+        lp.relay a middle stage sends on its output on the real input instead of that on
+        the AuxNet's prediction, and keeps that graph for the returned gradient."""
         t0 = time.perf_counter()
         exchange, lp = self.exchange, self.cfg.lp
         real = exchange.begin_step(y) if exchange else self.stored_real.read(idx, y) if self.stored_real else None
@@ -157,16 +170,21 @@ class LayerParallelStep:
         multiplier = self.store.read_rows(lambda_name(self.out_boundary), idx).to(self.device) \
             if self.has_multipliers else None
         terms, out, real_out = [], None, None
+        relays = exchange is not None and exchange.relays
         stash = self._weight_version() if exchange and exchange.keeps_graph() else None
+        primary_stash = None if relays else stash  # the kept graph: the real-input forward's where relayed
         primary = primary and inp is not None  # aux_source none: a later stage waits for its first real input
         if primary:
-            out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, inp)
-            terms.append(self._own_term(out, target, labels, rho, multiplier, stash))
+            out = self.precision.forward((lambda h: stash.run(0, h)) if primary_stash else self.stage, inp)
+            terms.append(self._own_term(out, target, labels, rho, multiplier, primary_stash))
+        if relays:
+            exchange.remember_target(target)
         if beside:
-            real_term, real_out = self._real_term(real.tensor, real.labels)
+            real_term, real_out = self._real_term(real, rho, stash if relays else None)
             terms.append(real_term)
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
-        tensors, grads = self._backward_now(terms, total, target, primary, out, inp, stash,
+        sent = ((real_out, real.tensor) if beside else None) if relays else (out, inp) if primary else None
+        tensors, grads = self._backward_now(terms, total, target, primary, sent, primary_stash or stash,
                                             real if chained else None, labels)
         delayed = self._add_delayed(tensors, grads)
         if tensors:
@@ -178,7 +196,6 @@ class LayerParallelStep:
             exchange.return_gradient(real, delayed)
         t2 = time.perf_counter()
         if self.auxnet is not None:
-            self.aux_opt.zero_grad(set_to_none=True)
             pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target))
                      if b is not None and t is not None and t.grad is not None]
             torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
@@ -225,8 +242,9 @@ class LayerParallelStep:
                               local_head=head, local_weight=lp.local_cls_weight, pull_stage=lp.consistency == "mutual",
                               criterion=self.criterion)
 
-    def _backward_now(self, terms, total, target, primary: bool, out, inp, stash, real, labels) -> tuple[list, list]:
-        """Send this step's output on and say what goes back through the stage now.
+    def _backward_now(self, terms, total, target, primary: bool, sent, stash, real, labels) -> tuple[list, list]:
+        """Send this step's output on (`sent`: the output and the input it was computed
+        from, or None) and say what goes back through the stage now.
 
         Normally that is every term of the step. With `lp.delayed_grad: fused` the own
         term waits in the exchange for the gradient stage k+1 returns for this output, and
@@ -237,8 +255,8 @@ class LayerParallelStep:
             return [total], [None]
         own = terms[0].loss if primary else None
         defer = exchange.defers_own_term()
-        if primary:
-            exchange.send_output(out, inp, own_loss=own if defer else None, stash=stash, real=real, labels=labels)
+        if sent is not None:
+            exchange.send_output(*sent, own_loss=own if defer else None, stash=stash, real=real, labels=labels)
         now = terms[1:] if defer else terms
         if defer and target is not None:
             torch.autograd.backward(own, inputs=[target], retain_graph=True)
@@ -266,21 +284,26 @@ class LayerParallelStep:
         if self.cfg.lp.delayed_grad == "fused":
             delayed.own_loss = self._own_term(delayed.output, None, delayed.labels, 0.0, None, delayed.stash).loss
 
-    def _real_term(self, real: torch.Tensor, labels: torch.Tensor) -> tuple[StageTerm, torch.Tensor]:
-        """This stage's term on a real input, and its output (one function for the step and
-        for a stop's `real_input_gradient`, which must take the same gradient)."""
-        out = self.precision.forward(self.stage, real)
+    def _real_term(self, real, rho: float, stash=None) -> tuple[StageTerm, torch.Tensor]:
+        """This stage's term on a real input (a RealInput: with its labels and, relayed,
+        the AuxNet's target of its batch), and its output, on `stash`'s weights where the
+        graph is kept (one function for the step and for a stop's `real_input_gradient`,
+        which must take the same gradient)."""
+        out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, real.tensor)
+        head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
         with self.precision.autocast():
-            return real_input_term(out, labels, is_last=self.layout.is_last, local_head=self.local_head,
-                                   local_weight=self.cfg.lp.local_cls_weight, criterion=self.criterion), out
+            return real_input_term(out, real.labels, is_last=self.layout.is_last, local_head=head,
+                                   local_weight=self.cfg.lp.local_cls_weight, target=real.target, rho=rho,
+                                   criterion=self.criterion), out
 
-    def real_input_gradient(self, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The gradient of this stage's real-input term with respect to `real`, at the
-        current weights, as the next step would take it; BatchNorm's running statistics
-        are put back, so that step still finds them as they were (the exchange's `settle`)."""
-        real = real.detach().requires_grad_()
-        with running_statistics_kept(self.stage, self.local_head):
-            grad, = torch.autograd.grad(self._real_term(real, labels)[0].loss, real)
+    def real_input_gradient(self, real) -> torch.Tensor:
+        """The gradient of this stage's real-input term with respect to the RealInput
+        `real`'s tensor, at the current weights, as the next step would take it;
+        BatchNorm's running statistics are left alone, so that step still finds them as
+        they were (the exchange's `settle`)."""
+        real = dataclasses.replace(real, tensor=real.tensor.detach().requires_grad_())
+        term, _ = self._real_term(real, self.rho, WeightStash.live((self.stage, self.local_head)))
+        grad, = torch.autograd.grad(term.loss, real.tensor)
         return grad
 
     def _synchronise(self, inp, target, idx, rho: float):

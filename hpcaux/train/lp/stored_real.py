@@ -33,6 +33,7 @@ class StoredRealInput:
     tensor: torch.Tensor
     labels: torch.Tensor
     rows: torch.Tensor        # their sample indices
+    target = None             # no AuxNet target for a stored input (exchange.RealInput has one, relayed)
 
 
 class StoredRealInputs:

@@ -57,6 +57,17 @@ class WeightStash:
             tensors = {**tensors, **{n: b.clone() for n, b in module.named_buffers()}}
         return torch.func.functional_call(module, tensors, args)
 
+    @classmethod
+    def live(cls, modules: tuple) -> "WeightStash":
+        """The modules' own parameters, with BatchNorm's running statistics counted in
+        copies: for a forward made ahead of its step (the exchange's settle), which the step
+        will count itself. Putting the statistics back in place instead would bump their
+        version, and a graph kept on them would then fail autograd's version check."""
+        stash = cls.__new__(cls)
+        stash.modules, stash.repeats_forward = modules, True
+        stash.copies = [dict(m.named_parameters()) if m is not None else None for m in modules]
+        return stash
+
     def saved(self) -> list:
         """The copied weights, to save at a stop (`restored` makes the stash again)."""
         return [{n: c.detach().clone() for n, c in copies.items()} if copies is not None else None
@@ -71,17 +82,20 @@ class WeightStash:
                         for named in weights]
         return stash
 
-    def gradients(self) -> list:
-        """What the copies received so far: per module, parameter name -> gradient."""
-        return [{name: c.grad for name, c in copies.items() if c.grad is not None} if copies is not None else None
-                for copies in self.copies]
-
-    def move_gradients(self):
-        """Add the gradients the copies received to the real parameters' .grad."""
-        add_gradients(self.modules, self.gradients())
+    def take_gradients(self) -> list:
+        """What the copies received since the last take, per module parameter name ->
+        gradient; the copies start afresh (the kept graphs of a step's micro-batches share
+        them, and each one's gradients are taken on their own)."""
+        taken = [{name: c.grad for name, c in copies.items() if c.grad is not None} if copies is not None else None
+                 for copies in self.copies]
         for copies in self.copies:
             for c in (copies or {}).values():
                 c.grad = None
+        return taken
+
+    def move_gradients(self):
+        """Add the gradients the copies received to the real parameters' .grad."""
+        add_gradients(self.modules, self.take_gradients())
 
 
 def _predicted_steps(optimizer: torch.optim.Optimizer, steps: int) -> dict:
