@@ -45,6 +45,6 @@ def test_the_timetable_grids_in_the_design_are_what_the_code_renders():
 
     doc = (ROOT / "docs" / "design.md").read_text()
     shown = re.findall(r"`(Plan\([^`]*\))`\n\n((?:    stage \d+:.*\n)+)", doc)
-    assert len(shown) == 5
+    assert len(shown) == 6
     for plan, grid in shown:
         assert "\n".join(line[4:] for line in grid.splitlines()) == render(eval(plan, {"Plan": Plan})), plan
