@@ -148,8 +148,12 @@ def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agree
     table = check(run([HPCAUX, "analyze", str(out / "aux.h5"), "--out", str(tmp_path / "plots")],
                       timeout=120)).stdout.splitlines()
     assert table[0].split()[:3] == ["epoch", "rho", "composed"] and [r.split()[0] for r in table[1:3]] == ["1", "2"]
-    assert not {"auxnet-path", "gap[0]", "train_gap[0]", "z_mean[0]", "drift[0]"} & set(table[0].split())  # no AuxNet
-    assert all("-" not in row.split() for row in table[1:3])  # only the columns the run has
+    header = table[0].split()
+    assert not {"auxnet-path", "gap[0]", "train_gap[0]", "z_mean[0]", "drift[0]", "probe_gap[0]"} & set(header)
+    assert "real_drift[0]" in header  # the composed network's boundary activation on the probe images
+    assert "-" not in table[2].split()  # only the columns the run has (a drift needs two epochs)
+    assert [c for c, v in zip(header, table[1].split()) if v == "-"] == ["real_drift[0]"]
+    assert "returned gradient applied after (optimiser steps) per stage: 0.5 0" in table  # 2 ticks at M = 4
     assert summary["aux_source"] == "none" and summary["auxnet_path_acc"] is None
     assert summary["allreduce_values_per_step"] == 0 and summary["aux_ms_per_rank"][0] < 5
     assert all(m["train_rel_gap"] is None and m["stage_loss"][1] > 0 for m in metrics), metrics

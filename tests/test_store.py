@@ -159,12 +159,14 @@ def test_analyze_a_real_run_offline(tmp_path, cifar_root):
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["epoch", "rho", "composed", "auxnet-path"] and "lambda_rms[0]" in lines[0]
     assert "z_mean[0]" not in lines[0]  # no stored z in this run: no empty column for it
+    assert {"real_drift[0]", "probe_gap[0]"} <= set(lines[0].split())  # the AuxNet against the composed network
     assert lines[1].split()[0] == "1" and lines[2].split()[0] == "2"
     for name in ("gap_rho.png", "step_time.png", "accuracy.png", "histograms.png", "snapshot_drift.png"):
         png = tmp_path / "plots" / name
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG", name
     with h5py.File(tmp_path / "moved" / "aux.h5", "r") as f:  # plain h5py, no hpcaux
         assert f["metrics/rel_gap"].shape == (2, 1) and f["boundary_0/lambda"].shape[0] == 96
+        assert f["boundary_0/real_snapshots/e2"].shape == f["boundary_0/snapshots/e2"].shape
     if shutil.which("h5dump"):
         dump = check(run(["h5dump", "-H", str(tmp_path / "moved" / "aux.h5")], timeout=60))
         assert 'DATASET "lambda"' in dump.stdout and 'GROUP "metrics"' in dump.stdout

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from hpcaux.errors import UserError, refuse_file_in_the_way
-from hpcaux.store.names import META, METRICS, boundary_group, snapshots_group
+from hpcaux.store.names import META, METRICS, boundary_group, real_snapshots_group, snapshots_group
 
 HISTOGRAM_ROWS = 256  # samples read per boundary for the z / lambda histograms
 
@@ -37,18 +37,32 @@ class StoreView:
         key = f"{boundary_group(b)}/{name}"
         return self.file[key] if key in self.file else None
 
-    def snapshots(self, b: int) -> list[tuple[int, np.ndarray]]:
-        group = self.file.get(snapshots_group(b))
+    def snapshots(self, b: int, kind: str = "auxnet") -> list[tuple[int, np.ndarray]]:
+        """(epoch, probe outputs) at boundary b: the AuxNet's prediction (`auxnet`) or the
+        composed network's activation (`real`), for the epochs the run recorded."""
+        group = self.file.get((snapshots_group if kind == "auxnet" else real_snapshots_group)(b))
         if group is None:
             return []
         epochs = sorted(int(re.sub(r"\D", "", name)) for name in group)
         return [(e, group[f"e{e}"][()].astype(np.float32)) for e in epochs]
 
-    def snapshot_drift(self, b: int) -> list[tuple[int, float]]:
-        """Relative change of the AuxNet's probe outputs between consecutive epochs."""
-        snaps = self.snapshots(b)
+    def snapshot_drift(self, b: int, kind: str = "auxnet") -> list[tuple[int, float]]:
+        """Relative change of the probe outputs between consecutive epochs."""
+        snaps = self.snapshots(b, kind)
         return [(e1, float(np.linalg.norm(s1 - s0) / max(np.linalg.norm(s1), 1e-12)))
                 for (e0, s0), (e1, s1) in zip(snaps, snaps[1:])]
+
+    def probe_gap(self, b: int) -> dict[int, float]:
+        """Per epoch, ||A_b - F_b||² / ||F_b||² on the probe images: how far the AuxNet's
+        prediction is from the input the composed network gives stage b+1."""
+        real = dict(self.snapshots(b, "real"))
+        return {e: float(np.sum((a - real[e]) ** 2) / max(np.sum(real[e] ** 2), 1e-12))
+                for e, a in self.snapshots(b) if e in real}
+
+    def gradient_delays(self) -> np.ndarray | None:
+        """Per stage, the optimiser steps between a forward and the returned gradient's
+        backward (NaN where none returns); None for a store written before it was recorded."""
+        return self.meta.get("gradient_delay_steps")
 
     def sample_rows(self, b: int, name: str) -> np.ndarray | None:
         ds = self.boundary(b, name)
@@ -64,12 +78,16 @@ def summary_table(view: StoreView) -> str:
     epoch (the AuxNet's under lp.aux_source none, z under any other source) is left out."""
     m = view.metrics
     drift = {b: dict(view.snapshot_drift(b)) for b in range(view.K - 1)}
+    real_drift = {b: dict(view.snapshot_drift(b, "real")) for b in range(view.K - 1)}
+    probe_gap = {b: view.probe_gap(b) for b in range(view.K - 1)}
     columns = [("rho", m["rho"]), ("composed", m["composed_acc"]), ("auxnet-path", m["auxnet_path_acc"])]
     for b in range(view.K - 1):
         columns += [(f"gap[{b}]", m["rel_gap"][:, b]), (f"train_gap[{b}]", m["train_rel_gap"][:, b]),
                     (f"lambda_rms[{b}]", m["multiplier_rms"][:, b]), (f"z_mean[{b}]", m["z_mean"][:, b]),
                     (f"z_std[{b}]", m["z_std"][:, b]),
-                    (f"drift[{b}]", [drift[b].get(e + 1) for e in range(view.epochs)])]
+                    (f"drift[{b}]", [drift[b].get(e + 1) for e in range(view.epochs)]),
+                    (f"real_drift[{b}]", [real_drift[b].get(e + 1) for e in range(view.epochs)]),
+                    (f"probe_gap[{b}]", [probe_gap[b].get(e + 1) for e in range(view.epochs)])]
     cells = [("epoch", [str(e + 1) for e in range(view.epochs)])]
     cells += [(name, [_fmt(v) for v in values[:view.epochs]]) for name, values in columns]
     cells = [(name, values) for name, values in cells if any(v != "-" for v in values)]
@@ -78,6 +96,9 @@ def summary_table(view: StoreView) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     step = m["step_ms"][-1]
     lines.append(f"step time per rank in the last epoch (ms): {' '.join(_fmt(v) for v in step)}")
+    delays = view.gradient_delays()
+    if delays is not None and not np.all(np.isnan(delays)):
+        lines.append(f"returned gradient applied after (optimiser steps) per stage: {' '.join(_fmt(v) for v in delays)}")
     return "\n".join(lines)
 
 
@@ -131,13 +152,14 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
             ax.set(title=f"{name}, boundary {b}", yscale="log")
         save(fig, "histograms.png")
 
-    drifts = {b: view.snapshot_drift(b) for b in range(view.K - 1)}
+    drifts = {(b, kind): view.snapshot_drift(b, kind) for b in range(view.K - 1) for kind in ("auxnet", "real")}
     if any(drifts.values()):
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for b, series in drifts.items():
+        for (b, kind), series in drifts.items():
             if series:
-                ax.plot(*zip(*series), "o-", label=f"boundary {b}")
-        ax.set(xlabel="epoch", ylabel="||A_k(probe)_e - A_k(probe)_{e-1}|| / ||A_k(probe)_e||", yscale="log")
+                ax.plot(*zip(*series), "o-" if kind == "auxnet" else "x--",
+                        label=f"boundary {b}, {'AuxNet prediction' if kind == 'auxnet' else 'composed network'}")
+        ax.set(xlabel="epoch", ylabel="||h_k(probe)_e - h_k(probe)_{e-1}|| / ||h_k(probe)_e||", yscale="log")
         ax.legend()
         save(fig, "snapshot_drift.png")
     return written

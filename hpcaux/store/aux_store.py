@@ -8,6 +8,7 @@ Layout (docs/design.md §4):
     /boundary_{k}/real_{p}        (N, C, H, W) stage k's real outputs,     (real_source: store)
                                   written in epochs of parity p, NaN where none was
     /boundary_{k}/snapshots/e{E}  AuxNet outputs A_k(x) on a fixed probe set after epoch E
+    /boundary_{k}/real_snapshots/e{E}  the composed network's F_k(...F_0(x)) on the same set
     /metrics/{name}               per-epoch series, first axis = epoch
 
 Two ways to write it, one way to read it:

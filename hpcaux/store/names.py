@@ -42,5 +42,15 @@ def snapshot_name(b: int, epoch: int) -> str:
     return f"{snapshots_group(b)}/e{epoch}"
 
 
+def real_snapshots_group(b: int) -> str:
+    return f"{boundary_group(b)}/real_snapshots"
+
+
+def real_snapshot_name(b: int, epoch: int) -> str:
+    """The composed network's activation at boundary b, F_b(...F_0(x)), on the probe
+    images after `epoch`: what the AuxNet's head b predicts, as the trained stages make it."""
+    return f"{real_snapshots_group(b)}/e{epoch}"
+
+
 def series_name(name: str) -> str:
     return f"{METRICS}/{name}"

@@ -283,7 +283,7 @@ class LayerParallelTrainer:
             log.append(record)
             progress.note(epoch_line(record))
         self.run_store.record_epoch(epoch - 1, record)
-        if record["phase"] == "layer_parallel" and self.auxnet is not None and self.cfg.store.probe_size:
+        if self.cfg.store.probe_size:
             self.run_store.record_snapshots(epoch, self.metrics.probe_outputs())
         every, run_ends = self.cfg.ckpt.every, epoch == self.cfg.train.epochs + self.cfg.lp.finetune_epochs
         if not run_ends and (epoch == last_epoch or (every > 0 and epoch % every == 0)):

@@ -1,7 +1,8 @@
 """Held-out measurements of a layer-parallel run, every epoch and at the end (docs/design.md §1):
 the composed network's accuracy (the network a user gets), and in AuxNet mode the
-AuxNet-path accuracy F_K(A_{K-1}(x)) and the relative gap per boundary. Plus the AuxNet's
-outputs on the fixed probe images, which the store snapshots every epoch.
+AuxNet-path accuracy F_K(A_{K-1}(x)) and the relative gap per boundary. Plus, on the fixed
+probe images, the composed network's activation at every boundary and (with an AuxNet) the
+AuxNet's prediction of it, which the store snapshots every epoch.
 """
 from __future__ import annotations
 
@@ -68,13 +69,24 @@ class HeldOutMetrics:
 
     @torch.no_grad()
     def probe_outputs(self) -> dict:
-        """AuxNet head outputs on the fixed probe images, for the head this rank owns."""
+        """On the fixed probe images, for the boundary this rank's stage ends at (replica 0;
+        the others return nothing): {"real": {b: the composed network's activation}, and
+        with an AuxNet "auxnet": {b: its head's prediction}}, both in evaluation mode. The
+        real one goes along replica 0's chain, so every stage of it must call this."""
         step, probe_size = self.step, self.cfg.store.probe_size
-        if step.auxnet is None or self.layout.replica != 0 or step.out_boundary is None or not probe_size:
+        if self.layout.replica != 0 or not probe_size:
             return {}
         probe = next(self.data.heldout_batches(self.data.monitor_split, probe_size, device=self.device,
                                                subset=probe_size, seed=self.cfg.seed))[0]
-        step.auxnet.eval()
-        out = step.auxnet(probe, [step.out_boundary])
-        step.auxnet.train()
-        return {b: v.cpu().numpy() for b, v in out.items()}
+        was_training = step.stage.training
+        step.stage.eval()
+        _, real = self.chain.forward(probe)
+        step.stage.train(was_training)
+        if step.out_boundary is None:
+            return {}
+        outputs = {"real": {step.out_boundary: real.cpu().numpy()}}
+        if step.auxnet is not None:
+            step.auxnet.eval()
+            outputs["auxnet"] = {b: v.cpu().numpy() for b, v in step.auxnet(probe, [step.out_boundary]).items()}
+            step.auxnet.train()
+        return outputs

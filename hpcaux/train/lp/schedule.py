@@ -36,6 +36,7 @@ Paths:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -94,6 +95,17 @@ def gradient_delay(K: int, stage: int, chained: bool) -> int:
     returned gradient (docs/algorithm.md): 2 with the AuxNet, 2(K-1-k) in the chained
     pipeline. The running exchange (exchange.py) takes its delays from here too."""
     return 2 * (K - 1 - stage) if chained else 2
+
+
+def gradient_delays_in_steps(lp, K: int) -> list[float]:
+    """Per stage, how many optimiser steps after its forward the gradient returned for its
+    output is applied, for the run's `lp` config (recorded in RUN/aux.h5): delay ticks / M;
+    0 on the last stage; NaN where no gradient returns (the AuxNet objective alone, stored
+    real inputs, lp.delayed_grad none)."""
+    returns = lp.real_inputs != "none" and lp.real_source == "exchange" and lp.delayed_grad != "none"
+    chained = lp.aux_source == "none"
+    return [math.nan if not returns else 0.0 if k == K - 1 else gradient_delay(K, k, chained) / lp.microbatches
+            for k in range(K)]
 
 
 def timetable(plan: Plan, stage: int) -> list[Action]:

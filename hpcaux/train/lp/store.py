@@ -13,8 +13,9 @@ import torch
 
 from hpcaux import __version__
 from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
+from hpcaux.train.lp.schedule import gradient_delays_in_steps
 from hpcaux.store.names import (SERIES, SERIES_PER_BOUNDARY, SERIES_PER_RANK, SERIES_PER_STAGE, SERIES_SCALAR,
-                                lambda_name, real_name, series_name, snapshot_name, z_name)
+                                lambda_name, real_name, real_snapshot_name, series_name, snapshot_name, z_name)
 
 class RunStore:
     """The trainer's view of the store: declares its datasets, records epochs."""
@@ -44,7 +45,8 @@ class RunStore:
             store.declare_series(name, width, wide=name in SERIES_PER_RANK)
         store.write_meta({"config": cfg.to_yaml(), "version": __version__, "K": K, "D": layout.D,
                           "dataset": cfg.data.dataset, "model": cfg.model.arch, "git_sha": git_sha(),
-                          "mode": store.mode, "boundary_shapes": np.array([list(s) for s in shapes])})
+                          "mode": store.mode, "boundary_shapes": np.array([list(s) for s in shapes]),
+                          "gradient_delay_steps": np.array(gradient_delays_in_steps(cfg.lp, K))})
 
     def record_epoch(self, epoch_index: int, record: dict):
         """One row of every series (a collective write on every rank)."""
@@ -55,13 +57,17 @@ class RunStore:
             self.store.write_collective(series_name(name), value, row=epoch_index)
 
     def record_snapshots(self, epoch: int, outputs: dict):
-        """AuxNet outputs on the probe set: head k from its owner, written collectively."""
+        """The probe set's boundary variables (HeldOutMetrics.probe_outputs): every
+        boundary's real activation and, with an AuxNet, its prediction, each from the rank
+        of replica 0 whose stage ends there, written collectively (every rank calls)."""
         probe = self.cfg.store.probe_size
-        for b in range(self.layout.K - 1):
-            name = snapshot_name(b, epoch)
-            self.store.declare(ArraySpec(name, (probe, *self.shapes[b]), "f2" if self.cfg.store.float16 else "f4",
-                                         self.layout.rank_of(b, 0), holders=(self.layout.rank_of(b, 0),)))
-            self.store.write_collective(name, outputs.get(b))
+        kinds = [("real", real_snapshot_name)] + ([("auxnet", snapshot_name)] if self.cfg.lp.aux_source == "auxnet" else [])
+        for kind, name_of in kinds:
+            for b in range(self.layout.K - 1):
+                name, owner = name_of(b, epoch), self.layout.rank_of(b, 0)
+                self.store.declare(ArraySpec(name, (probe, *self.shapes[b]), "f2" if self.cfg.store.float16 else "f4",
+                                             owner, holders=(owner,)))
+                self.store.write_collective(name, outputs.get(kind, {}).get(b))
 
 
 @torch.no_grad()
