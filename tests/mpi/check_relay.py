@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from common import make_comm, tiny_config
+from common import make_comm, record_exchange, tiny_config
 from hpcaux.train.layer_parallel import LayerParallelTrainer
 from hpcaux.train.lp.losses import real_input_term, stage_term
 
@@ -33,37 +33,7 @@ cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", f"lp.delaye
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 step, exchange, stage, k = trainer.step, trainer.step.exchange, trainer.stage, trainer.layout.stage
 rho, STEPS = 1.0, 6
-record = {"sent": {}, "real": {}, "returned": {}, "applied": {}}
-
-send_output, begin_step, return_gradient, delayed_gradient = (exchange.send_output, exchange.begin_step,
-                                                              exchange.return_gradient, exchange.delayed_gradient)
-
-
-def recording_send(output, stage_input, **kept):
-    record["sent"][exchange.step] = output.detach().clone()
-    send_output(output, stage_input, **kept)
-
-
-def recording_real(labels):
-    real = begin_step(labels)
-    record["real"][exchange.step] = None if real is None else (real.tensor.detach().clone(), real.labels.clone())
-    return real
-
-
-def recording_return(real, delayed):
-    if real is not None:
-        record["returned"][exchange.step] = real.tensor.grad.clone()
-    return_gradient(real, delayed)
-
-
-def recording_delayed():
-    delayed = delayed_gradient()
-    record["applied"][exchange.step] = None if delayed is None or delayed.grad is None else delayed.grad.clone()
-    return delayed
-
-
-exchange.send_output, exchange.begin_step = recording_send, recording_real
-exchange.return_gradient, exchange.delayed_gradient = recording_return, recording_delayed
+record = record_exchange(exchange)
 
 
 def real_term(snapshot, real, labels, target):

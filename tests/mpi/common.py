@@ -48,6 +48,38 @@ def assert_close(rank: int, name: str, mine, ref):
             f"rank {rank}: {name} gradient {i} differs by {(ga - gb).abs().max().item():.3e}"
 
 
+def record_exchange(exchange) -> dict:
+    """Wrap the exchange's calls to record what crosses ranks, by the exchange step it
+    happens at: the outputs sent on, the real inputs (tensor, labels) taken, the input
+    gradients returned and the returned gradients applied (None where nothing was due)."""
+    record = {"sent": {}, "real": {}, "returned": {}, "applied": {}}
+    send_output, begin_step = exchange.send_output, exchange.begin_step
+    return_gradient, delayed_gradient = exchange.return_gradient, exchange.delayed_gradient
+
+    def recording_send(output, stage_input, **kept):
+        record["sent"][exchange.step] = output.detach().clone()
+        send_output(output, stage_input, **kept)
+
+    def recording_real(labels):
+        real = begin_step(labels)
+        record["real"][exchange.step] = None if real is None else (real.tensor.detach().clone(), real.labels.clone())
+        return real
+
+    def recording_return(real, delayed):
+        if real is not None:
+            record["returned"][exchange.step] = real.tensor.grad.clone()
+        return_gradient(real, delayed)
+
+    def recording_delayed():
+        delayed = delayed_gradient()
+        record["applied"][exchange.step] = None if delayed is None or delayed.grad is None else delayed.grad.clone()
+        return delayed
+
+    exchange.send_output, exchange.begin_step = recording_send, recording_real
+    exchange.return_gradient, exchange.delayed_gradient = recording_return, recording_delayed
+    return record
+
+
 def replica_batches(trainer, replicas: int):
     """The first batch of every replica of epoch 0: what one process on the global batch sees."""
     data, cfg = trainer.data, trainer.cfg
