@@ -184,7 +184,7 @@ class LayerParallelStep:
             terms.append(real_term)
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         sent = ((real_out, real.tensor) if beside else None) if relays else (out, inp) if primary else None
-        tensors, grads = self._backward_now(terms, total, target, primary, sent, primary_stash or stash,
+        tensors, grads = self._backward_now(terms, total, target, primary, sent, stash,
                                             real if chained else None, labels)
         delayed = self._add_delayed(tensors, grads)
         if tensors:
