@@ -172,14 +172,19 @@ class NeighbourExchange:
             return None
         real = None
         if self.real is not None:
-            real = RealInput(self.real.wait().requires_grad_(), self.recent_labels[0], self.step - 1,
-                             self.real_returned, self.recent_targets[0] if self.relays else None)
+            real = self._held_real(self.real.wait().requires_grad_(), self.real_returned)
         self.recent_labels.append(labels)
         self.real, self.real_returned = None, False
         if self.prev_starts <= self.step <= self.steps - 2:
             self.real = self.comm.irecv(torch.empty(self.in_shape, device=self.device), self.prev,
                                         what="irecv real activation")
         return real
+
+    def _held_real(self, tensor: torch.Tensor, returned: bool = False) -> RealInput:
+        """The real input that arrived for step `self.step` (sent at the step before), with
+        the labels and (relayed) the AuxNet target of its batch, remembered `lag` steps ago."""
+        return RealInput(tensor, self.recent_labels[0], self.step - 1, returned,
+                         self.recent_targets[0] if self.relays else None)
 
     def remember_target(self, target: torch.Tensor):
         """`relay`: this step's AuxNet target, for the real input of this batch that
@@ -287,9 +292,7 @@ class NeighbourExchange:
             real = self.real.wait()
             returned = self._returns_gradient_of(self.step - 1)
             if returned:
-                held = RealInput(real, self.recent_labels[0], self.step - 1,
-                                 target=self.recent_targets[0] if self.relays else None)
-                self.sends.append(self.comm.isend(input_gradient(held), self.prev,
+                self.sends.append(self.comm.isend(input_gradient(self._held_real(real)), self.prev,
                                                   what="isend boundary gradient (stop)"))
             state["real"] = {"tensor": real, "returned": returned}
         for kept in self.kept:

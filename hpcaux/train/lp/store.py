@@ -13,9 +13,9 @@ import torch
 
 from hpcaux import __version__
 from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
-from hpcaux.train.lp.schedule import gradient_delays_in_steps
 from hpcaux.store.names import (SERIES, SERIES_PER_BOUNDARY, SERIES_PER_RANK, SERIES_PER_STAGE, SERIES_SCALAR,
                                 lambda_name, real_name, real_snapshot_name, series_name, snapshot_name, z_name)
+from hpcaux.train.lp.schedule import gradient_delays_in_steps
 
 class RunStore:
     """The trainer's view of the store: declares its datasets, records epochs."""

@@ -63,10 +63,8 @@ class WeightStash:
         copies: for a forward made ahead of its step (the exchange's settle), which the step
         will count itself. Putting the statistics back in place instead would bump their
         version, and a graph kept on them would then fail autograd's version check."""
-        stash = cls.__new__(cls)
-        stash.modules, stash.repeats_forward = modules, True
-        stash.copies = [dict(m.named_parameters()) if m is not None else None for m in modules]
-        return stash
+        return cls._on_buffer_copies(modules, [dict(m.named_parameters()) if m is not None else None
+                                               for m in modules])
 
     def saved(self) -> list:
         """The copied weights, to save at a stop (`restored` makes the stash again)."""
@@ -76,10 +74,15 @@ class WeightStash:
     @classmethod
     def restored(cls, modules: tuple, weights: list, device) -> "WeightStash":
         """The stash `saved` returned, on `device`."""
+        return cls._on_buffer_copies(modules, [{n: w.to(device).requires_grad_() for n, w in named.items()}
+                                               if named is not None else None for named in weights])
+
+    @classmethod
+    def _on_buffer_copies(cls, modules: tuple, copies: list) -> "WeightStash":
+        """A stash of the given weights whose forwards count BatchNorm's running statistics
+        in copies (`run`): for a forward its step has counted already, or will count itself."""
         stash = cls.__new__(cls)
-        stash.modules, stash.repeats_forward = modules, True
-        stash.copies = [{n: w.to(device).requires_grad_() for n, w in named.items()} if named is not None else None
-                        for named in weights]
+        stash.modules, stash.copies, stash.repeats_forward = modules, copies, True
         return stash
 
     def take_gradients(self) -> list:
