@@ -1,4 +1,4 @@
-"""The `hpcaux` command: train, eval, analyze, bench, data, launch.
+"""The `hpcaux` command: train, eval, analyze, bench (and bench report), data, launch.
 
 A UserError anywhere becomes one line `hpcaux: error: ...` on stderr (from rank 0 only
 when launched with several ranks) and exit status 2.
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the compared methods side by side; speedup, accuracy, cost model",
                            description="Run serial, data-parallel, pipeline and layer-parallel training one after "
                                        "another on the same data (a bench file under configs/), then write "
-                                       "BENCH/results.json, results.md and plots (docs/benchmarks.md).")
+                                       "BENCH/results.json, results.md and plots (docs/benchmarks.md). "
+                                       "`hpcaux bench report` rewrites the docs' tables from the results files.")
     bench.add_argument("--config", required=True, help="bench file, e.g. configs/bench_cifar10_resnet20.yaml")
     bench.add_argument("--out", required=True, help="bench directory")
     bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
@@ -191,6 +192,23 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_report(argv: list[str]) -> int:
+    """`hpcaux bench report`: its own parser, so `hpcaux bench --config ...` stays as it is."""
+    from hpcaux.bench.doc_tables import refresh
+
+    parser = _Parser(prog="hpcaux bench report",
+                     description="Rewrite the result tables of README.md and docs/*.md from the committed "
+                                 "docs/bench/*/results.json files, as docs/tables.yaml lays them out.")
+    parser.add_argument("--check", action="store_true", help="rewrite nothing; fail if a table differs from its files")
+    parser.add_argument("--root", default=".", help="the repository (default: the current directory)")
+    args = parser.parse_args(argv)
+    stale = refresh(Path(args.root), check=args.check)
+    if args.check and stale:
+        raise UserError(f"tables differ from their results files: {', '.join(stale)} (run hpcaux bench report)")
+    print(f"rewrote {', '.join(stale)}" if stale and not args.check else "every table matches its results files")
+    return 0
+
+
 def _data(args) -> int:
     if args.dataset in ("imagenet", "imagenette"):
         from hpcaux.data.folders import prepare_image_folders
@@ -219,7 +237,10 @@ def _abort_job(code: int):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:2] == ["bench", "report"]:
+            return _bench_report(argv[2:])
         args = _parser().parse_args(argv)
         return {"train": _train, "eval": _eval, "analyze": _analyze, "bench": _bench, "data": _data,
                 "launch": _launch}[args.command](args)

@@ -48,3 +48,11 @@ def test_the_timetable_grids_in_the_design_are_what_the_code_renders():
     assert len(shown) == 6
     for plan, grid in shown:
         assert "\n".join(line[4:] for line in grid.splitlines()) == render(eval(plan, {"Plan": Plan})), plan
+
+
+def test_the_result_tables_are_what_their_results_files_say():
+    """Every table of docs/tables.yaml, as `hpcaux bench report` renders it from the
+    committed docs/bench/*/results.json, is the one in its document."""
+    from hpcaux.bench.doc_tables import refresh
+
+    assert refresh(ROOT, check=True) == []

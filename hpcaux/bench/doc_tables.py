@@ -1,0 +1,181 @@
+"""The result tables of docs/*.md, generated from the committed bench results.
+
+docs/tables.yaml names each table: the document it sits in, its reference row and its
+rows, each row one method of one or more bench directories (one per seed). A table sits
+in its document between `<!-- table NAME ... -->` and `<!-- end table -->`;
+`hpcaux bench report` rewrites it there, and `--check` (and tests/test_docs.py) fails
+when a committed number differs from its file. So a number in a table is never typed by
+hand, and a table of several seeds applies the protocol rule of docs/benchmarks.md
+itself: a difference under two standard deviations is printed as a tie.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hpcaux.errors import UserError
+
+BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
+COLUMNS = {"val": "val acc (last epoch)", "test": "test acc", "delta": "Δ test vs {ref}",
+           "seeds": "test acc per seed", "speedup": "samples/s vs {ref}"}
+
+
+@dataclass
+class Row:
+    label: str
+    method: str
+    benches: list[str]
+    note: str = ""
+
+
+@dataclass
+class Table:
+    name: str
+    doc: str
+    columns: list[str]
+    rows: list[Row]
+    reference: int = 0
+    note: str = ""            # the header of the rows' free-text column, if any
+    results: dict = field(default_factory=dict, repr=False)   # bench directory -> results.json
+
+
+def load_tables(spec_file: Path) -> list[Table]:
+    """docs/tables.yaml, checked: every column known, every row's bench file present."""
+    try:
+        spec = yaml.safe_load(spec_file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read the table spec {spec_file}: {err}")
+    tables = []
+    for name, body in (spec or {}).get("tables", {}).items():
+        unknown = [c for c in body.get("columns", []) if c not in COLUMNS]
+        if unknown:
+            raise UserError(f"table {name} in {spec_file}: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
+        rows = [Row(r["label"], r["method"], [r["bench"]] if isinstance(r["bench"], str) else list(r["bench"]),
+                    r.get("note", "")) for r in body["rows"]]
+        tables.append(Table(name, body["doc"], list(body["columns"]), rows, body.get("reference", 0),
+                            body.get("note", "")))
+    return tables
+
+
+def _read_results(table: Table, bench_root: Path):
+    for row in table.rows:
+        for bench in row.benches:
+            if bench not in table.results:
+                path = bench_root / bench / "results.json"
+                if not path.is_file():
+                    raise UserError(f"table {table.name}: row {row.label!r} names {path}, which does not exist")
+                table.results[bench] = json.loads(path.read_text())
+
+
+def _per_bench(table: Table, row: Row, key: str) -> list[float | None]:
+    """The row's `key` in each of its benches, None where the bench has not run the method."""
+    found = []
+    for bench in row.benches:
+        rec = table.results[bench]["methods"].get(row.method)
+        found.append(rec.get(key) if rec is not None and "error" not in rec else None)
+    return found
+
+
+def _values(table: Table, row: Row, key: str) -> list[float]:
+    return [v for v in _per_bench(table, row, key) if v is not None]
+
+
+def _mean_std(values: list[float], digits: int) -> str:
+    if not values:
+        return "not yet run"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"  # one seed, or the others not yet run (the seeds column says which)
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f} ({len(values)} seeds)"
+
+
+def _delta(table: Table, row: Row) -> str:
+    """Test accuracy against the reference row in points; with two seeds or more on both
+    sides, a difference under twice the larger standard deviation is called a tie."""
+    mine, ref = _values(table, row, "test_acc"), _values(table, table.rows[table.reference], "test_acc")
+    if row is table.rows[table.reference]:
+        return "–"
+    if not mine or not ref:
+        return "–"
+    diff = (statistics.mean(mine) - statistics.mean(ref)) * 100
+    if min(len(mine), len(ref)) < 2:
+        return f"{diff:+.1f} pt (one seed)"
+    spread = 2 * max(statistics.stdev(mine), statistics.stdev(ref)) * 100
+    return f"{diff:+.1f} pt" + (" (tie)" if abs(diff) < spread else "")
+
+
+def _speedup(table: Table, row: Row) -> str:
+    """Only between rows of one bench invocation (the first bench of each row), and
+    marked where either row was reused from an earlier invocation."""
+    ref_row = table.rows[table.reference]
+    if row.benches[0] != ref_row.benches[0]:
+        return "other bench"
+    methods = table.results[row.benches[0]]["methods"]
+    mine, ref = methods.get(row.method), methods.get(ref_row.method)
+    if not mine or not ref or "error" in mine or "error" in ref:
+        return "–"
+    reused = " (a row reused)" if mine.get("reused") or ref.get("reused") else ""
+    return f"{mine['samples_per_s'] / ref['samples_per_s']:.2f}×{reused}"
+
+
+def _cell(table: Table, row: Row, column: str) -> str:
+    if column == "val":
+        return _mean_std(_values(table, row, "val_acc"), 3)
+    if column == "test":
+        return _mean_std(_values(table, row, "test_acc"), 4)
+    if column == "seeds":
+        return " / ".join("not yet run" if v is None else f"{v:.4f}" for v in _per_bench(table, row, "test_acc"))
+    if column == "delta":
+        return _delta(table, row)
+    return _speedup(table, row)
+
+
+def render(table: Table, bench_root: Path) -> str:
+    """The table's markdown, one line per row, ending in a newline."""
+    _read_results(table, bench_root)
+    ref = table.rows[table.reference].label
+    header = ["method"] + [COLUMNS[c].format(ref=ref) for c in table.columns] + ([table.note] if table.note else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.rows:
+        cells = [row.label] + [_cell(table, row, c) for c in table.columns] + ([row.note] if table.note else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def refresh(root: Path, check: bool) -> list[str]:
+    """Render every table of ROOT/docs/tables.yaml into its document (or, with `check`,
+    only compare); returns the names of the tables that were (or would be) rewritten."""
+    tables = load_tables(root / "docs" / "tables.yaml")
+    unplaced = sorted({t.doc for t in tables} - {"README.md"} - {f"docs/{p.name}" for p in (root / "docs").glob("*.md")})
+    if unplaced:
+        raise UserError(f"docs/tables.yaml places a table in {unplaced[0]}, which is not README.md or docs/*.md")
+    stale, rewrites = [], {}
+    for path in [root / "README.md"] + sorted((root / "docs").glob("*.md")):
+        doc = str(path.relative_to(root))
+        text = path.read_text()
+        present = {m.group("name") for m in BLOCK.finditer(text)}
+        mine = {t.name: t for t in tables if t.doc == doc}
+        missing = sorted(set(mine) - present)
+        if missing:
+            raise UserError(f"{doc} has no block <!-- table {missing[0]} --> ... <!-- end table --> for that table")
+        stray = sorted(present - set(mine))
+        if stray:
+            raise UserError(f"{doc} has a block for table {stray[0]}, which docs/tables.yaml does not place there")
+
+        def fill(match):
+            body = render(mine[match.group("name")], root / "docs" / "bench")
+            if body != match.group("body"):
+                stale.append(match.group("name"))
+            return match.group(1) + body + match.group(4)
+
+        updated = BLOCK.sub(fill, text)
+        if updated != text:
+            rewrites[path] = updated
+    if not check:  # only once every table rendered: a bad row leaves every document as it was
+        for path, text in rewrites.items():
+            path.write_text(text)
+    return stale

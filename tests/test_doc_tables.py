@@ -1,0 +1,97 @@
+"""`hpcaux bench report`: the docs' result tables come from the results files.
+
+Each test builds a small repository (README.md, docs/, docs/bench/*/results.json) in a
+temporary folder and runs the real command on it; the repository's own tables are
+checked in tests/test_docs.py.
+"""
+import json
+
+import pytest
+
+from conftest import HPCAUX, run
+
+pytestmark = pytest.mark.quick
+
+SPEC = """tables:
+  seeds:
+    doc: docs/accuracy.md
+    columns: [seeds, test, delta, speedup]
+    rows:
+      - {label: serial, method: serial, bench: [a, b]}
+      - {label: close, method: close, bench: [a, b]}
+      - {label: behind, method: behind, bench: [a, b]}
+      - {label: half-run, method: late, bench: [a, b]}
+"""
+DOC = "# Accuracy\n\nBefore.\n\n<!-- table seeds: generated -->\n| stale |\n<!-- end table -->\n\nAfter.\n"
+
+
+def _results(methods: dict) -> dict:
+    return {"methods": {name: {"test_acc": acc, "val_acc": acc, "samples_per_s": speed, "reused": False}
+                        for name, (acc, speed) in methods.items()}}
+
+
+@pytest.fixture
+def repo(tmp_path):
+    (tmp_path / "docs" / "bench" / "a").mkdir(parents=True)
+    (tmp_path / "docs" / "bench" / "b").mkdir()
+    (tmp_path / "README.md").write_text("# readme\n")
+    (tmp_path / "docs" / "tables.yaml").write_text(SPEC)
+    (tmp_path / "docs" / "accuracy.md").write_text(DOC)
+    seed0 = {"serial": (0.70, 100.0), "close": (0.71, 150.0), "behind": (0.60, 50.0), "late": (0.65, 80.0)}
+    seed1 = {"serial": (0.72, 110.0), "close": (0.69, 160.0), "behind": (0.61, 55.0)}
+    (tmp_path / "docs" / "bench" / "a" / "results.json").write_text(json.dumps(_results(seed0)))
+    (tmp_path / "docs" / "bench" / "b" / "results.json").write_text(json.dumps(_results(seed1)))
+    return tmp_path
+
+
+def _report(repo, *args):
+    return run([HPCAUX, "bench", "report", "--root", str(repo), *args], timeout=60)
+
+
+def test_the_report_writes_mean_std_and_the_protocol_rule_into_the_block(repo):
+    assert _report(repo, "--check").returncode == 2
+    proc = _report(repo)
+    assert proc.returncode == 0, proc.stderr
+    text = (repo / "docs" / "accuracy.md").read_text()
+    assert text.startswith("# Accuracy\n\nBefore.\n\n<!-- table seeds: generated -->\n") and text.endswith(
+        "<!-- end table -->\n\nAfter.\n")
+    lines = text.splitlines()
+    assert "| serial | 0.7000 / 0.7200 | 0.7100 ± 0.0141 (2 seeds) | – | 1.00× |" in lines
+    # one point apart, under twice the larger standard deviation (2.8 points): a tie
+    assert "| close | 0.7100 / 0.6900 | 0.7000 ± 0.0141 (2 seeds) | -1.0 pt (tie) | 1.50× |" in lines
+    assert "| behind | 0.6000 / 0.6100 | 0.6050 ± 0.0071 (2 seeds) | -10.5 pt | 0.50× |" in lines
+    # a seed not yet run is named, and the difference is marked as resting on one seed
+    assert "| half-run | 0.6500 / not yet run | 0.6500 | -6.0 pt (one seed) | 0.80× |" in lines
+    assert _report(repo, "--check").returncode == 0
+    assert "every table matches" in _report(repo).stdout
+
+
+def test_a_hand_edited_number_fails_the_check_and_is_restored(repo):
+    _report(repo)
+    doc = repo / "docs" / "accuracy.md"
+    good = doc.read_text()
+    doc.write_text(good.replace("0.6050 ± 0.0071", "0.6150 ± 0.0071"))
+    proc = _report(repo, "--check")
+    assert proc.returncode == 2 and "tables differ from their results files: seeds" in proc.stderr
+    assert _report(repo).returncode == 0 and doc.read_text() == good
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: (r / "docs" / "tables.yaml").write_text(SPEC.replace("[seeds, test", "[seeds, tset")),
+     "unknown column 'tset'"),
+    (lambda r: (r / "docs" / "tables.yaml").write_text(SPEC.replace("bench: [a, b]}\n      - {label: half",
+                                                                    "bench: [a, c]}\n      - {label: half")),
+     "names "),
+    (lambda r: (r / "docs" / "accuracy.md").write_text("# no block\n"), "has no block <!-- table seeds -->"),
+    (lambda r: (r / "README.md").write_text("<!-- table old: x -->\n| 1 |\n<!-- end table -->\n"),
+     "README.md has a block for table old"),
+    (lambda r: (r / "docs" / "tables.yaml").write_text(SPEC.replace("docs/accuracy.md", "notes.md")),
+     "places a table in notes.md"),
+    (lambda r: (r / "docs" / "tables.yaml").unlink(), "cannot read the table spec"),
+])
+def test_a_bad_spec_or_document_is_one_error_line_and_nothing_is_written(repo, edit, message):
+    edit(repo)
+    before = (repo / "docs" / "accuracy.md").read_text()
+    proc = _report(repo)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert (repo / "docs" / "accuracy.md").read_text() == before
