@@ -115,7 +115,7 @@ class LayerParallelConfig:
     microbatches: int = field(default=1, metadata={"min": 1, "help": "split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch: in the pipeline without an AuxNet (aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md)"})
     consistency: str = field(default="mutual", metadata={"choices": ("mutual", "auxnet_follows"), "help": "mutual: the penalty pulls stage and AuxNet together; auxnet_follows: only the AuxNet regresses the stage output"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches)"})
-    finetune_schedule: str = field(default="continue", metadata={"choices": ("continue", "restart"), "help": "continue: one learning-rate schedule over both phases, the stage optimisers kept; restart: a fresh optimiser and schedule from lp.finetune_lr (docs/accuracy.md)"})
+    finetune_schedule: str = field(default="continue", metadata={"choices": ("continue", "restart"), "help": "continue: one learning-rate schedule over both phases, the stage optimisers kept; restart: a fresh optimiser and schedule from lp.finetune_lr (docs/results.md)"})
     finetune_lr: float = field(default=0.01, metadata={"min_exclusive": 0.0, "help": "the fine-tune's learning rate with lp.finetune_schedule restart"})
 
 
