@@ -92,6 +92,7 @@ class AuxNetConfig:
     """The auxiliary-variable network: its cost per step bounds the speedup."""
     width: int = field(default=DEFAULT_WIDTH, metadata={"min": 1})
     depth: int = field(default=DEFAULT_DEPTH, metadata={"min": 1, "help": "3x3 conv layers of the trunk at half resolution (docs/results.md: depth 1 costs 0.08 of a stage, depth 2 0.18)"})
+    head_layers: typing.List[int] = field(default_factory=list, metadata={"help": "3x3 conv layers (with ReLU, strided down to the boundary's size) of each boundary's own head, one count per boundary (K-1 values; empty: none), so that deeper boundaries get deeper predictors (docs/accuracy.md)"})
 
 
 @dataclass
@@ -99,7 +100,7 @@ class LayerParallelConfig:
     """The joint objective of docs/design.md §1."""
     loss: str = field(default="penalty", metadata={"choices": ("penalty", "al")})
     rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
-    rho_growth: float = field(default=1.2, metadata={"min": 1.0, "help": "rho *= rho_growth after every epoch"})
+    rho_growth: float = field(default=1.2, metadata={"min_exclusive": 0.0, "help": "rho *= rho_growth after every epoch, capped at rho_max; below 1 the pull towards the AuxNet's targets decays as the real inputs take over (docs/accuracy.md)"})
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
     multipliers: str = field(default="none", metadata={"choices": ("none", "per_sample")})
     aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored", "none"), "help": "where a stage's input and target come from: the AuxNet, stored z, or nowhere (none, with lp.real_inputs only: a delayed-gradient pipeline without an AuxNet, every stage on its predecessor's real output; docs/algorithm.md)"})
@@ -319,6 +320,9 @@ def _check_consistency(cfg: Config):
                         f"{cfg.data.dataset} images keep their size")
     if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
         raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")
+    if cfg.auxnet.head_layers and (len(cfg.auxnet.head_layers) != cfg.parallel.K - 1 or min(cfg.auxnet.head_layers) < 0):
+        raise UserError(f"config key 'auxnet.head_layers' needs K-1 = {cfg.parallel.K - 1} counts >= 0, one per "
+                        f"boundary, got {cfg.auxnet.head_layers}")
     if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
         raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
 

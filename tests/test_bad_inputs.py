@@ -110,6 +110,10 @@ CATALOGUE = {
                                                          "store.mode=per_rank"],
                                                      "config key 'lp.real_source' is store, which needs the one shared "
                                                      "HDF5 file"),
+    "AuxNet head layers not one per boundary": (1, ["train", "--config", LP, "--out", "{ws}/new",
+                                                    "auxnet.head_layers=[1,2]"],
+                                                "config key 'auxnet.head_layers' needs K-1 = 1 counts >= 0, one per "
+                                                "boundary, got [1, 2]"),
     "config file missing": (1, ["train", "--config", "{ws}/none.yaml", "--out", "{ws}/new"],
                             "config file {ws}/none.yaml does not exist"),
     "config file not YAML": (1, ["train", "--config", "{ws}/bad.yaml", "--out", "{ws}/new"],

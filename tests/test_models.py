@@ -134,6 +134,21 @@ def test_boundary_norm_and_auxnet_shapes():
     assert torch.allclose(y.flatten(1).std(1, unbiased=False), torch.ones(3), atol=1e-3)
 
 
+def test_auxnet_head_layers_deepen_each_boundary_head_on_its_own():
+    """auxnet.head_layers: head k has its own convolutions, strided down to its boundary's
+    size; the predictions keep their shapes and normalisation."""
+    shapes = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
+    aux = AuxNet(shapes, width=16, depth=1, head_layers=[0, 1, 2])
+    assert [len(h.convs) // 2 for h in aux.heads] == [0, 1, 2]
+    assert [c.stride for c in aux.heads[2].convs if isinstance(c, torch.nn.Conv2d)] == [(2, 2), (1, 1)]
+    preds = aux(torch.randn(4, 3, 32, 32))
+    for k, shape in enumerate(shapes):
+        assert preds[k].shape == (4, *shape)
+        assert torch.allclose(preds[k].flatten(1).var(1, unbiased=False), torch.ones(4), atol=1e-3)
+    plain = AuxNet(shapes, width=16, depth=1)
+    assert sum(p.numel() for p in aux.parameters()) == sum(p.numel() for p in plain.parameters()) + 3 * (16 * 16 * 9 + 16)
+
+
 def test_auxnet_is_cheap_relative_to_a_stage():
     model = build_model("resnet20", 10)
     x = torch.randn(32, 3, 32, 32)

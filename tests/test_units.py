@@ -51,6 +51,11 @@ def test_rho_grows_geometrically_and_is_capped():
     assert [rho_at_epoch(lp, e) for e in range(4)] == [1.0, 2.0, 4.0, 5.0]
 
 
+def test_a_growth_below_one_decays_rho():
+    lp = SimpleNamespace(rho0=2.0, rho_growth=0.5, rho_max=10.0)
+    assert [rho_at_epoch(lp, e) for e in range(4)] == [2.0, 1.0, 0.5, 0.25]
+
+
 @pytest.mark.parametrize("env,rank,size,local_rank,local_size", [
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 3, 4, 1, 2),

@@ -21,7 +21,7 @@ def build_local_head(cfg: Config, shapes, stage: int, num_classes: int) -> torch
 def build_auxnet(cfg: Config, shapes, image_shape) -> AuxNet:
     """The AuxNet; every rank builds the same replica."""
     torch.manual_seed(cfg.seed + 1)
-    return AuxNet(shapes, cfg.auxnet.width, cfg.auxnet.depth, image_shape[0], image_shape[-1])
+    return AuxNet(shapes, cfg.auxnet.width, cfg.auxnet.depth, image_shape[0], image_shape[-1], cfg.auxnet.head_layers)
 
 
 def aux_buffers(auxnet: AuxNet) -> list[torch.Tensor]:

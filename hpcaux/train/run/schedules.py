@@ -19,5 +19,6 @@ def learning_rate(optim_cfg, step: int, total_steps: int, steps_per_epoch: int, 
 
 
 def rho_at_epoch(lp_cfg, epoch: int) -> float:
-    """Penalty continuation: rho0 * growth^epoch, capped at rho_max."""
+    """Penalty continuation: rho0 * growth^epoch, capped at rho_max (a growth below 1
+    decays it: the lever of docs/accuracy.md that weakens the pull towards the AuxNet late)."""
     return min(lp_cfg.rho_max, lp_cfg.rho0 * lp_cfg.rho_growth ** epoch)
