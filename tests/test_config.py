@@ -58,7 +58,21 @@ BAD = [
     (["data.augment=maybe"], "config key 'data.augment' must be bool, got 'maybe'"),
     (["seed"], "override 'seed' is not of the form key=value"),
     (["method=serial"], "config key 'parallel.K' must be 1 for method: serial"),
+    (["lp.finetune_schedule=restart"], "config key 'lp.finetune_schedule' was retired: only continue remains"),
+    (["lp.delayed_grad=replay"], "config key 'lp.delayed_grad' must be one of none, keep, fused; got 'replay'"),
 ]
+
+
+def test_a_retired_key_that_asks_for_what_remains_still_loads(tmp_path):
+    """A run directory from before a key was retired resumes: its config names the key
+    with the behaviour that remains (or, for a key that only meant something with a retired
+    choice, any value)."""
+    tree = yaml.safe_load(K2.read_text())
+    tree["lp"].update(finetune_schedule="continue", finetune_lr=0.01)
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(tree))
+    cfg = load_config(old)
+    assert cfg.lp.finetune_epochs == 0 and "finetune_schedule" not in cfg.to_yaml()
 
 
 @pytest.mark.parametrize("overrides,message", BAD)

@@ -37,7 +37,6 @@ def ranks_of(proc) -> list[int]:
 @pytest.mark.parametrize("how,phase,schedule", [
     ("USR1 to mpirun", "layer_parallel", ["train.epochs=3"]),
     ("TERM to every rank", "finetune", ["train.epochs=1", "lp.finetune_epochs=2"]),
-    ("TERM to every rank", "finetune", ["train.epochs=1", "lp.finetune_epochs=2", "lp.finetune_schedule=restart"]),
     ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel", ["train.epochs=3"])])
 def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, schedule, tmp_path,
                                                                                    cifar_root):
@@ -99,7 +98,6 @@ def test_signals_repeated_to_hpcaux_launch_until_mpirun_exits_leave_a_clean_exit
 K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
 K4 = str(ROOT / "configs" / "cifar10_resnet20_k4.yaml")  # the same, four stages, micro-batches
 EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
-             "replay": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=replay"]),
              "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
                                        "lp.loss=al", "lp.multipliers=per_sample"]),
              "real inputs from the store": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.real_source=store"]),

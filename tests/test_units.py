@@ -42,10 +42,6 @@ def test_step_schedule_multiplies_by_gamma_at_each_milestone():
     assert [learning_rate(cfg, s, 100, 10) for s in (49, 50, 74, 75)] == pytest.approx([0.1, 0.01, 0.01, 0.001])
 
 
-def test_base_lr_overrides_the_configured_lr():
-    assert learning_rate(optim(schedule="constant"), 5, 10, 1, base_lr=0.01) == pytest.approx(0.01)
-
-
 def test_rho_grows_geometrically_and_is_capped():
     lp = SimpleNamespace(rho0=1.0, rho_growth=2.0, rho_max=5.0)
     assert [rho_at_epoch(lp, e) for e in range(4)] == [1.0, 2.0, 4.0, 5.0]
@@ -251,7 +247,6 @@ def test_graphs_in_flight_follow_the_delay_of_the_returned_gradient():
     assert [graphs_in_flight(2, s, True, "fused") for s in range(2)] == [2, 0]
     assert [graphs_in_flight(4, s, True, "fused") for s in range(4)] == [6, 4, 2, 0]
     assert [graphs_in_flight(4, s, False, "keep") for s in range(4)] == [2, 2, 2, 0]  # beside an AuxNet
-    assert graphs_in_flight(2, 0, True, "replay") == 0  # replay recomputes its forward
 
 
 def test_time_to_accuracy_is_the_first_epoch_reaching_the_target():

@@ -240,41 +240,36 @@ class LayerParallelTrainer:
             write_json(self.run_dir / "summary.json", summary)
         return summary
 
-    def lr_schedule(self, finetune: bool = False) -> LrSchedule:
-        """The learning rate by step: one schedule over both phases (lp.finetune_schedule
-        continue), or the layer-parallel phase's and the fine-tune's own (restart)."""
-        cfg, steps = self.cfg, self.steps
-        if cfg.lp.finetune_schedule == "continue":
-            return LrSchedule(cfg.optim, steps * (cfg.train.epochs + cfg.lp.finetune_epochs), steps)
-        if finetune:
-            return LrSchedule(cfg.optim, steps * cfg.lp.finetune_epochs, steps, base_lr=cfg.lp.finetune_lr)
-        return LrSchedule(cfg.optim, steps * cfg.train.epochs, steps)
+    def lr_schedule(self) -> LrSchedule:
+        """The learning rate by step: one schedule over both phases (the fine-tune goes on
+        with the stage optimisers where the layer-parallel epochs left them)."""
+        steps = self.steps
+        return LrSchedule(self.cfg.optim, steps * (self.cfg.train.epochs + self.cfg.lp.finetune_epochs), steps)
 
     def _finetune(self, progress, log, last_epoch: int) -> list:
         """Serial-parallel hybrid: end-to-end backprop of the composed network, pipelined over send/recv."""
         cfg, steps, epochs = self.cfg, self.steps, self.cfg.train.epochs
         first = max(self.start_epoch, epochs)
-        step = FinetuneStep(self, resuming_inside=self.resume_from is not None and self.start_epoch >= epochs)
-        saved_opt = step.own_optimizer
-        loop = EpochLoop([step.optimizer], self.lr_schedule(finetune=True),
+        step = FinetuneStep(self)
+        loop = EpochLoop([step.optimizer], self.lr_schedule(),
                          step, progress, self.comm.watchdog.context, label="finetune ",
                          describe=lambda e, _: f"finetune {e + 1 - epochs}",
-                         stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune", saved_opt,
+                         stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune",
                                                                step_in_epoch=s), steps),
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
-        all_totals, schedule_start = [], 0 if step.continues else epochs
+        all_totals = []
         for epoch in range(first, last_epoch):
             within = self.start_step_in_epoch if epoch == self.start_epoch else 0
-            loop.step = (epoch - schedule_start) * steps + within
+            loop.step = epoch * steps + within
             totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment), within)
             all_totals.append(totals)
             record = finetune_record(epoch, totals, self.comm, self.layout, self.metrics(cfg.data.eval_subset),
                                      steps * cfg.train.batch_size * self.layout.D)
-            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch, saved_opt)
+            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
             loop.stop.after_epoch(epoch + 1, last_epoch)
         return all_totals
 
-    def _end_of_epoch(self, epoch: int, record: dict, log, progress, last_epoch: int, finetune_opt=None):
+    def _end_of_epoch(self, epoch: int, record: dict, log, progress, last_epoch: int):
         """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks).
 
         The run's last epoch is not saved here: the run saves it once, as `final`. Either
@@ -287,7 +282,7 @@ class LayerParallelTrainer:
             self.run_store.record_snapshots(epoch, self.metrics.probe_outputs())
         every, run_ends = self.cfg.ckpt.every, epoch == self.cfg.train.epochs + self.cfg.lp.finetune_epochs
         if not run_ends and (epoch == last_epoch or (every > 0 and epoch % every == 0)):
-            self.save(f"epoch_{epoch}", epoch, record["phase"], finetune_opt)
+            self.save(f"epoch_{epoch}", epoch, record["phase"])
         else:
             self.store.flush(self.comm.barrier)
 
@@ -299,8 +294,8 @@ class LayerParallelTrainer:
             if self.step.exchange and step_in_epoch else None
         self.save(tag, epoch, "layer_parallel", step_in_epoch=step_in_epoch, exchange=exchange)
 
-    def save(self, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0, exchange=None):
+    def save(self, tag: str, epoch: int, phase: str, step_in_epoch: int = 0, exchange=None):
         self.store.flush(self.comm.barrier)
-        save_trainer(self, tag, epoch, phase, finetune_opt, step_in_epoch, exchange)
+        save_trainer(self, tag, epoch, phase, step_in_epoch, exchange)
         if self.comm.rank == 0:
             discard_set_aside(self.run_dir)

@@ -38,10 +38,9 @@ class LrSchedule:
     optim_cfg: object
     total_steps: int
     steps_per_epoch: int
-    base_lr: float | None = None
 
     def __call__(self, step: int) -> float:
-        return learning_rate(self.optim_cfg, step, self.total_steps, self.steps_per_epoch, base_lr=self.base_lr)
+        return learning_rate(self.optim_cfg, step, self.total_steps, self.steps_per_epoch)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The neighbour exchange under mpirun -np 2:  python check_exchange.py BACKEND DATA_ROOT RUN_DIR MODE
 
-MODE is keep, fused or replay (lp.real_inputs=beside), or auxless: fused with
+MODE is keep or fused (lp.real_inputs=beside), or auxless: fused with
 lp.real_inputs=only and no AuxNet (lp.aux_source=none), where the last stage trains on
 nothing at step 0. Over the first steps of an epoch:
 * stage 2's real input at step s is exactly stage 1's output on batch s-1, with batch
@@ -8,8 +8,8 @@ nothing at step 0. Over the first steps of an epoch:
 * the gradient stage 1 applies at step s is exactly the one stage 2 returned for batch
   s-2 (none at steps 0 and 1);
 * stage 1's parameter gradient at step s is that of its own term on batch s plus the
-  returned gradient back-propagated through its stage at the weights of step s-2 (keep)
-  or of step s (replay), computed here on copies; with fused, its own term on batch s-2
+  returned gradient back-propagated through its stage at the weights of step s-2 (keep),
+  computed here on copies; with fused, its own term on batch s-2
   and the returned gradient, both at the weights of step s-2 (none at steps 0 and 1);
 * a stop in the middle of the epoch settles the exchange without a hang: stage 2 keeps
   stage 1's last output and (with the AuxNet) returns its gradient at once (BatchNorm
@@ -48,8 +48,8 @@ def own_term(snapshot, batch):
 
 def expected_stage_gradient(s):
     """Stage 1's gradient at step s, recomputed on the copies taken before each step:
-    keep/replay: own term of batch s (weights of step s) + the returned gradient through
-    the weights of step s-2 (keep) or s (replay); fused: both at the weights of step s-2."""
+    keep: own term of batch s (weights of step s) + the returned gradient through the
+    weights of step s-2; fused: both at the weights of step s-2."""
     if delayed_mode == "fused":
         then = snapshots[s - 2][0]
         out, loss = own_term(snapshots[s - 2], batches[s - 2])
@@ -57,7 +57,7 @@ def expected_stage_gradient(s):
         return [p.grad for p in then.parameters()]
     now = snapshots[s][0]
     own_term(snapshots[s], batches[s])[1].backward()
-    then = snapshots[s - 2][0] if mode == "keep" else copy.deepcopy(snapshots[s][0])
+    then = snapshots[s - 2][0]
     then.zero_grad()
     then(batches[s - 2][0]).backward(record["applied"][s])
     return [own.grad + delayed.grad for own, delayed in zip(now.parameters(), then.parameters())]
@@ -96,7 +96,7 @@ if trainer.layout.is_last:
     record["settled_real"] = state["real"]["tensor"]
 else:
     assert state["real"] is None and [d["due"] for d in pending] == [STEPS, STEPS + 1], state
-    kind = "stage_input" if mode == "replay" else "version" if mode == "auxless" else "parameter_grads"
+    kind = "version" if mode == "auxless" else "parameter_grads"
     assert all(d.get(kind) is not None for d in pending), pending
 
 # A second stop one step after the resume: what the first stop left for step STEPS+1 is

@@ -26,7 +26,7 @@ twin = JointObjective(cfg, trainer.cuts, trainer.shapes, trainer.data.num_classe
 composed = torch.nn.Sequential(*twin.stages)
 batches = replica_batches(trainer, D)
 x, y, _ = batches[trainer.layout.replica]
-loss = FinetuneStep(trainer, resuming_inside=False).gradients(x, y)
+loss = FinetuneStep(trainer).gradients(x, y)
 
 
 def batch_loss(bx, by):

@@ -49,8 +49,7 @@ def exchange_file(stage: int, replica: int) -> str:
     return f"exchange_{stage}_{replica}.pt"
 
 
-def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, step_in_epoch: int = 0,
-                 exchange: dict | None = None):
+def save_trainer(trainer, tag: str, epoch: int, phase: str, step_in_epoch: int = 0, exchange: dict | None = None):
     """Checkpoint after `epoch` whole epochs and `step_in_epoch` steps of the next one;
     `exchange`: the neighbour exchange's state, settled at a stop inside the epoch."""
     lay, files = trainer.layout, {}
@@ -60,8 +59,7 @@ def save_trainer(trainer, tag: str, epoch: int, phase: str, finetune_opt=None, s
         files[f"stage_{lay.stage}.pt"] = {
             "stage": trainer.stage.state_dict(),
             "local_head": trainer.local_head.state_dict() if trainer.local_head else None,
-            "stage_opt": trainer.stage_opt.state_dict(),
-            "finetune_opt": finetune_opt.state_dict() if finetune_opt else None}
+            "stage_opt": trainer.stage_opt.state_dict()}
         if lay.stage == 0 and trainer.auxnet is not None:
             files["auxnet.pt"] = {"auxnet": trainer.auxnet.state_dict(), "aux_opt": trainer.aux_opt.state_dict()}
     manifest = {"method": "layer_parallel", "model": trainer.cfg.model.arch, "dataset": trainer.cfg.data.dataset,
@@ -105,16 +103,6 @@ def restore_exchange(trainer, folder: Path, manifest: dict) -> dict | None:
     if name not in manifest["files"] or manifest.get("D") != trainer.layout.D:
         return None
     return load_file(folder / name, trainer.device)
-
-
-def restore_finetune_optimizer(trainer, folder: Path, optimizer):
-    """The hybrid fine-tune's optimiser state, when the checkpoint was taken during it."""
-    state = load_file(folder / f"stage_{trainer.layout.stage}.pt", trainer.device)
-    if state.get("finetune_opt"):
-        try:
-            optimizer.load_state_dict(state["finetune_opt"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as err:
-            raise _misfit(folder, err) from None
 
 
 def _misfit(folder: Path, err: Exception) -> UserError:

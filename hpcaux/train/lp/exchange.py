@@ -8,13 +8,14 @@ the same batches):
 * stage k+1 takes it at step s+1 as a real input with its batch's labels, beside (or
   instead of) the AuxNet's prediction, and returns the gradient of its loss with respect
   to that input, non-blocking;
-* stage k applies that gradient `delay` steps after it sent the output: to the graph it
+* stage k applies that gradient `delay` steps after it sent the output, to the graph it
   kept of that batch (`keep`: one more batch of activations in memory per step of delay,
-  the gradient taken at the weights of the forward, as delayed-gradient methods do) or by
-  running the batch again (`replay`: one more forward, at the current weights, as Features
-  Replay does). `fused` keeps the graph too and holds back stage k's own term of the batch
-  (its local classifier and its side of the consistency term) to go through that graph in
-  the same backward: one backward of the stage per step instead of two.
+  the gradient taken at the weights of the forward, as delayed-gradient methods do).
+  `fused` keeps the graph too and holds back stage k's own term of the batch (its local
+  classifier and its side of the consistency term) to go through that graph in the same
+  backward: one backward of the stage per step instead of two. (Running the batch again
+  at the current weights, as Features Replay does, was measured worse and retired:
+  docs/results.md.)
 
 With the AuxNet every boundary is its own two-step exchange (`delay` 2): stage k+1 returns
 the gradient of the real input in the step it arrives. What a middle stage sends on is its
@@ -42,8 +43,8 @@ it again. With the AuxNet (`delay` 2) it finishes what can be finished without c
 the run: stage k+1 computes the gradient of the real input it holds now (at the weights
 the next step would use; BatchNorm's running statistics left as they were) and returns
 it, and stage k back-propagates both pending gradients through their kept graphs into the
-weight copies; it saves the real input and per pending batch the parameter gradients
-(`keep`, `fused`) or the input and the returned gradient (`replay`). In the chained
+weight copies; it saves the real input and per pending batch the parameter gradients.
+In the chained
 pipeline those gradients depend on steps not yet run, so it saves, per kept graph, its
 input, labels and the weights its forward used, and the resume runs that forward again
 (`rebuild`) before its backward. Either way a resume (`start_epoch` with that state)
@@ -78,8 +79,7 @@ class RealInput:
 @dataclass
 class DelayedGradient:
     """A batch whose output stage k sent on, waiting for stage k+1's gradient of it (`grad`,
-    due at step `due`): the graph it kept (`output`, built on `stash`'s weights) or, in
-    `replay`, only its input."""
+    due at step `due`): the graph it kept (`output`, built on `stash`'s weights) and its input."""
     due: int
     stage_input: torch.Tensor
     output: torch.Tensor | None = None
@@ -99,25 +99,20 @@ class DelayedGradient:
         """A kept graph restored from a stop: its forward must run again (the step's `rebuild`)."""
         return self.output is None and isinstance(self.stash, WeightStash)
 
-    def roots(self, stage) -> tuple[list, list]:
-        """What its backward starts from, with their gradients: the kept output (or, in
-        `replay`, the input run again through `stage`) with `grad`, and in `fused` mode the
-        stage's own term of that batch."""
-        tensors = [self.output if self.output is not None else stage(self.stage_input)]
-        grads = [self.grad]
+    def roots(self) -> tuple[list, list]:
+        """What its backward starts from, with their gradients: the kept output with `grad`,
+        and in `fused` mode the stage's own term of that batch."""
+        tensors, grads = [self.output], [self.grad]
         if self.own_loss is not None:
             tensors.append(self.own_loss)
             grads.append(None)
         return tensors, grads
 
 
-KEEPS_GRAPH = ("keep", "fused")
-
-
 def graphs_in_flight(K: int, stage: int, chained: bool, delayed_grad: str) -> int:
     """How many forward graphs stage `stage` keeps alive while it waits for their
-    gradients (none where the delayed gradient recomputes or is not kept)."""
-    return gradient_delay(K, stage, chained) if delayed_grad in KEEPS_GRAPH and stage < K - 1 else 0
+    gradients (none without a delayed gradient)."""
+    return gradient_delay(K, stage, chained) if delayed_grad != "none" and stage < K - 1 else 0
 
 
 class NeighbourExchange:
@@ -221,10 +216,8 @@ class NeighbourExchange:
         if self.step <= self.steps - 2:
             self.sends.append(self.comm.isend(output, self.next, what="isend real activation"))
         if self.delayed_grad != "none" and self._keeps(self.step):
-            due = self.step + self.delay
-            self.kept.append(DelayedGradient(due, stage_input, output=output, own_loss=own_loss, stash=stash,
-                                             real=real, labels=labels) if self.delayed_grad in KEEPS_GRAPH
-                             else DelayedGradient(due, stage_input.detach(), real=real, labels=labels))
+            self.kept.append(DelayedGradient(self.step + self.delay, stage_input, output=output, own_loss=own_loss,
+                                             stash=stash, real=real, labels=labels))
 
     def _keeps(self, step: int) -> bool:
         """Whether the gradient for the output of `step` returns within the epoch."""
@@ -232,7 +225,7 @@ class NeighbourExchange:
 
     def keeps_graph(self) -> bool:
         """Whether this step's forward graph must outlive its backward (`keep`, `fused`)."""
-        return self.delayed_grad in KEEPS_GRAPH and self._keeps(self.step)
+        return self.delayed_grad != "none" and self._keeps(self.step)
 
     def defers_own_term(self) -> bool:
         """Whether this step's own term waits for the returned gradient (`fused` mode; not
@@ -302,10 +295,7 @@ class NeighbourExchange:
             pending = kept.pending or self.comm.irecv(torch.empty(self.out_shape, device=self.device), self.next,
                                                       what="irecv boundary gradient (stop)")
             kept.grad = pending.wait()
-            if kept.output is None:  # replay: it runs at the weights of its due step
-                state["delayed"].append({"due": kept.due, "grad": kept.grad, "stage_input": kept.stage_input})
-                continue
-            torch.autograd.backward(*kept.roots(self.modules[0]))
+            torch.autograd.backward(*kept.roots())
             state["delayed"].append({"due": kept.due, "parameter_grads": kept.stash.take_gradients()})
         return state
 
@@ -345,10 +335,6 @@ class NeighbourExchange:
             self.kept.append(DelayedGradient(item["due"], stage_input, stash=stash, real=real, labels=labels,
                                              pending=grad))
         for item in state.get("delayed", []):
-            if "stage_input" in item:
-                self.kept.append(DelayedGradient(item["due"], item["stage_input"].to(self.device),
-                                                 pending=ready(item["grad"])))
-            else:
-                grads = [{n: g.to(self.device) for n, g in named.items()} if named is not None else None
-                         for named in item["parameter_grads"]]
-                self.kept.append(DelayedGradient(item["due"], None, stash=SettledGradients(self.modules, grads)))
+            grads = [{n: g.to(self.device) for n, g in named.items()} if named is not None else None
+                     for named in item["parameter_grads"]]
+            self.kept.append(DelayedGradient(item["due"], None, stash=SettledGradients(self.modules, grads)))

@@ -2,36 +2,19 @@
 composed network across the ranks of a replica (StageChain.backprop_step, a GPipe pipeline
 of parallel.microbatches micro-batches over send/recv), the stage gradients averaged over
 the replicas when D > 1, and the stop vote in an allreduce of its own (this phase has no
-world allreduce to carry it).
-
-With lp.finetune_schedule continue (the default) the step goes on with the stage's own
-optimiser, momentum and all, and the trainer's one learning-rate schedule; with restart
-it has an optimiser of its own, from lp.finetune_lr, saved beside the stage's.
+world allreduce to carry it). It goes on with the stage's own optimiser, momentum and all,
+and the trainer's one learning-rate schedule over both phases (a fresh optimiser and
+schedule for the fine-tune lost accuracy and was retired: docs/results.md).
 """
 from __future__ import annotations
 
 import torch
 
-from hpcaux.train.lp.checkpoint import restore_finetune_optimizer
-from hpcaux.train.run.optim import make_optimizer
-
 
 class FinetuneStep:
-    def __init__(self, trainer, resuming_inside: bool):
-        """`resuming_inside`: the checkpoint was taken during the fine-tune (restore its optimiser)."""
+    def __init__(self, trainer):
         self.trainer = trainer
-        lp = trainer.cfg.lp
-        self.continues = lp.finetune_schedule == "continue"
-        self.optimizer = trainer.stage_opt if self.continues else \
-            make_optimizer(list(trainer.stage.parameters()), trainer.cfg.optim, lr=lp.finetune_lr)
-        if resuming_inside and not self.continues:
-            trainer.comm.agree(lambda: restore_finetune_optimizer(trainer, trainer.resume_from, self.optimizer),
-                               "restoring the checkpoint")
-
-    @property
-    def own_optimizer(self):
-        """The optimiser a checkpoint saves beside the stage's: None when it is the stage's."""
-        return None if self.continues else self.optimizer
+        self.optimizer = trainer.stage_opt
 
     def gradients(self, x, y) -> torch.Tensor | None:
         """Leaves the stage's end-to-end gradient, averaged over the replicas; the loss on the last stage."""

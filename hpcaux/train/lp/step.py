@@ -264,14 +264,14 @@ class LayerParallelStep:
 
     def _add_delayed(self, tensors: list, grads: list):
         """Add what is due this step to the backward: the gradient stage k+1 returned for
-        this stage's output two steps ago (through the kept graph, or the batch replayed)
-        and, in `fused` mode, this stage's own term of that batch."""
+        this stage's output two steps ago (through the kept graph) and, in `fused` mode,
+        this stage's own term of that batch."""
         delayed = self.exchange.delayed_gradient() if self.exchange else None
         if delayed is None or delayed.grad is None:  # None: its gradients were settled at a stop
             return delayed
         if delayed.needs_rebuild():
             self._rebuild(delayed)
-        more_tensors, more_grads = delayed.roots(lambda h: self.precision.forward(self.stage, h))
+        more_tensors, more_grads = delayed.roots()
         tensors += more_tensors
         grads += more_grads
         return delayed

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 
-def make_optimizer(params, optim_cfg, lr: float | None = None) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=optim_cfg.lr if lr is None else lr, momentum=optim_cfg.momentum,
+def make_optimizer(params, optim_cfg) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                            weight_decay=optim_cfg.weight_decay, nesterov=optim_cfg.nesterov)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 
-def learning_rate(optim_cfg, step: int, total_steps: int, steps_per_epoch: int, base_lr: float | None = None) -> float:
+def learning_rate(optim_cfg, step: int, total_steps: int, steps_per_epoch: int) -> float:
     """lr at `step` of `total_steps`: linear warm-up, then cosine, step or constant."""
-    lr = optim_cfg.lr if base_lr is None else base_lr
+    lr = optim_cfg.lr
     warmup = optim_cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return lr * (step + 1) / warmup
