@@ -43,10 +43,9 @@ it again. With the AuxNet (`delay` 2) it finishes what can be finished without c
 the run: stage k+1 computes the gradient of the real input it holds now (at the weights
 the next step would use; BatchNorm's running statistics left as they were) and returns
 it, and stage k back-propagates both pending gradients through their kept graphs into the
-weight copies; it saves the real input and per pending batch the parameter gradients.
-In the chained
-pipeline those gradients depend on steps not yet run, so it saves, per kept graph, its
-input, labels and the weights its forward used, and the resume runs that forward again
+weight copies; it saves the real input and per pending batch the parameter gradients. In
+the chained pipeline those gradients depend on steps not yet run, so it saves, per kept
+graph, its input, labels and the weights its forward used, and the resume runs that forward again
 (`rebuild`) before its backward. Either way a resume (`start_epoch` with that state)
 applies them at the steps the uninterrupted run would have, so it ends with the same
 weights.
