@@ -98,11 +98,10 @@ class AuxNetConfig:
 @dataclass
 class LayerParallelConfig:
     """The joint objective of docs/design.md §1."""
-    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al")})
+    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al"), "help": "penalty: rho/2 x the mean squared gap to the AuxNet's targets; al: the augmented Lagrangian, with per-sample multipliers in RUN/aux.h5 (docs/algorithm.md)"})
     rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
     rho_growth: float = field(default=1.2, metadata={"min_exclusive": 0.0, "help": "rho *= rho_growth after every epoch, capped at rho_max; below 1 the pull towards the AuxNet's targets decays as the real inputs take over (docs/accuracy.md)"})
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
-    multipliers: str = field(default="none", metadata={"choices": ("none", "per_sample")})
     aux_source: str = field(default="auxnet", metadata={"choices": ("auxnet", "stored", "none"), "help": "where a stage's input and target come from: the AuxNet, stored z, or nowhere (none, with lp.real_inputs only: a delayed-gradient pipeline without an AuxNet, every stage on its predecessor's real output; docs/algorithm.md)"})
     z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
@@ -236,9 +235,18 @@ def _flatten(tree: dict, prefix="") -> dict:
 # a config or run directory that still names one is read as before when it asks for that
 # behaviour (None: any value, the key having meant something only with a retired choice).
 RETIRED = {"lp.finetune_schedule": "continue", "lp.finetune_lr": None}
+# Keys folded into another: the value that still means something, and what it sets.
+FOLDED = {"lp.multipliers": {"per_sample": ("lp.loss", "al"), "none": None}}
 
 
 def _set(cfg: Config, key: str, raw):
+    if key in FOLDED:
+        if raw not in FOLDED[key]:
+            raise UserError(f"config key '{key}' is folded into another: it takes only {', '.join(FOLDED[key])} "
+                            "(docs/configuration.md)")
+        if FOLDED[key][raw] is not None:
+            _set(cfg, *FOLDED[key][raw])
+        return
     if key in RETIRED:
         if RETIRED[key] is not None and raw != RETIRED[key]:
             raise UserError(f"config key '{key}' was retired: only {RETIRED[key]} remains (docs/results.md); "
@@ -271,10 +279,6 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def _check_consistency(cfg: Config):
-    if cfg.lp.multipliers == "per_sample" and cfg.lp.loss != "al":
-        raise UserError("config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty: multipliers need loss: al")
-    if cfg.lp.loss == "al" and cfg.lp.multipliers == "none":
-        raise UserError("config key 'lp.loss' is al but 'lp.multipliers' is none: set lp.multipliers=per_sample")
     if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
         raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
                         "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
@@ -289,15 +293,15 @@ def _check_consistency(cfg: Config):
     if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
         raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
                         "(without an AuxNet the last stage trains on stage 1's real output alone)")
-    if cfg.lp.aux_source == "none" and cfg.lp.multipliers != "none":
-        raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty and lp.multipliers=none "
-                        "(multipliers belong to an AuxNet target)")
+    if cfg.lp.aux_source == "none" and cfg.lp.loss == "al":
+        raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty "
+                        "(the multipliers belong to an AuxNet target)")
     if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
         raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
                         f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
-    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.multipliers != "none"):
+    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss == "al"):
         raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
-                        "or none and lp.multipliers none (stored z and per-sample multipliers are stepped per batch)")
+                        "or none and lp.loss penalty (stored z and per-sample multipliers are stepped per batch)")
     if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
                          or cfg.lp.aux_source != "auxnet" or cfg.lp.real_source != "exchange"):
         raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "

@@ -3,7 +3,7 @@
     python -m hpcaux.config_doc > docs/configuration.md
 """
 
-from hpcaux.config import Config, all_keys
+from hpcaux.config import FOLDED, RETIRED, Config, all_keys
 
 
 def _describe(f) -> str:
@@ -31,6 +31,14 @@ def render_reference() -> str:
             value = getattr(value, part)
         name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
         lines.append(f"| `{key}` | {name} | `{value}` | {_describe(f)} |")
+    lines += ["", "Keys no longer in the table (docs/results.md says why), still read from older configs and",
+              "run directories:", ""]
+    for key, target in FOLDED.items():
+        meaning = ", ".join(f"`{v}` sets `{t[0]}: {t[1]}`" if t else f"`{v}` does nothing" for v, t in target.items())
+        lines.append(f"* `{key}`: folded into another key; {meaning}.")
+    for key, kept in RETIRED.items():
+        lines.append(f"* `{key}`: retired; " + (f"`{kept}` (what remains) is read and ignored, any other value is an "
+                                                 "error." if kept is not None else "read and ignored."))
     return "\n".join(lines) + "\n"
 
 

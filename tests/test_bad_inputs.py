@@ -46,7 +46,7 @@ def ws(tmp_path_factory, cifar_root):
         f.create_dataset("metrics/composed_acc", shape=(0,), maxshape=(None,), dtype="f8")
     al = ws / "al_victim"
     check(mpirun(2, [HPCAUX, "train", "--config", LP, "--out", str(al), f"data.root={cifar_root}", *TINY,
-                     "train.epochs=2", "lp.loss=al", "lp.multipliers=per_sample", "--max-epochs", "1"], timeout=300))
+                     "train.epochs=2", "lp.loss=al", "--max-epochs", "1"], timeout=300))
     done = ws / "done"
     check(mpirun(2, [HPCAUX, "train", "--config", LP, "--out", str(done), f"data.root={cifar_root}", *TINY,
                      "train.epochs=1"], timeout=300))
@@ -85,8 +85,9 @@ CATALOGUE = {
                                     "config key 'comm.backend' must be one of auto, horovod, torch, mpi4py"),
     "override without '='": (1, ["train", "--config", SERIAL, "--out", "{ws}/new", "optim.lr"],
                              "override 'optim.lr' is not of the form key=value"),
-    "keys that contradict": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al", "lp.multipliers=none"],
-                             "'lp.loss' is al but 'lp.multipliers' is none"),
+    "keys that contradict": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al", "lp.aux_source=none",
+                                 "lp.real_inputs=only"],
+                             "config key 'lp.aux_source' is none, which needs lp.loss=penalty"),
     "boundary norm off with an AuxNet": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.boundary_norm=false"],
                                          "config key 'lp.boundary_norm' is false, which needs lp.aux_source=none"),
     "weight prediction without a kept forward": (1, ["train", "--config", LP, "--out", "{ws}/new",
@@ -97,9 +98,9 @@ CATALOGUE = {
                                    "config key 'lp.relay' is true, which needs lp.real_inputs beside or only, "
                                    "lp.delayed_grad keep or fused"),
     "micro-batches with per-sample multipliers": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al",
-                                                      "lp.multipliers=per_sample", "lp.microbatches=2"],
+                                                      "lp.microbatches=2"],
                                                   "config key 'lp.microbatches' is 2, which needs lp.aux_source auxnet "
-                                                  "or none and lp.multipliers none"),
+                                                  "or none and lp.loss penalty"),
     "real inputs from the store with a delayed gradient": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                                "lp.real_inputs=beside", "lp.real_source=store",
                                                                "lp.delayed_grad=keep"],

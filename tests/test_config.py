@@ -48,8 +48,7 @@ BAD = [
     (["train.batch_size=12.5"], "config key 'train.batch_size' must be int, got 12.5"),
     (["comm.backend=nccl"], "config key 'comm.backend' must be one of auto, horovod, torch, mpi4py; got 'nccl'"),
     (["model.arch=resnet21"], "config key 'model.arch' must be one of"),
-    (["lp.loss=al"], "config key 'lp.loss' is al but 'lp.multipliers' is none"),
-    (["lp.multipliers=per_sample"], "config key 'lp.multipliers' is per_sample but 'lp.loss' is penalty"),
+    (["lp.multipliers=per-sample"], "config key 'lp.multipliers' is folded into another: it takes only per_sample, none"),
     (["lp.rho0=20"], "config key 'lp.rho_max' (10.0) is below 'lp.rho0' (20.0)"),
     (["lp.aux_source=stored"], "config key 'lp.aux_source' is stored, which needs 'data.augment: false'"),
     (["parallel.cuts=[6,4]"], "config key 'parallel.cuts' must be strictly increasing"),
@@ -61,6 +60,14 @@ BAD = [
     (["lp.finetune_schedule=restart"], "config key 'lp.finetune_schedule' was retired: only continue remains"),
     (["lp.delayed_grad=replay"], "config key 'lp.delayed_grad' must be one of none, keep, fused; got 'replay'"),
 ]
+
+
+def test_a_folded_key_sets_the_key_it_was_folded_into():
+    """lp.multipliers per_sample is lp.loss al (the augmented Lagrangian has per-sample
+    multipliers and nothing else); none leaves the loss as it is."""
+    assert load_config(K2, ["lp.multipliers=per_sample"]).lp.loss == "al"
+    assert load_config(K2, ["lp.loss=al", "lp.multipliers=none"]).lp.loss == "al"
+    assert load_config(K2, ["lp.multipliers=none"]).lp.loss == "penalty"
 
 
 def test_a_retired_key_that_asks_for_what_remains_still_loads(tmp_path):

@@ -40,7 +40,7 @@ def ranks_of(proc) -> list[int]:
     ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel", ["train.epochs=3"])])
 def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, schedule, tmp_path,
                                                                                    cifar_root):
-    common = [f"data.root={cifar_root}", "lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]", *schedule]
+    common = [f"data.root={cifar_root}", "lp.loss=al", "parallel.cuts=[4]", *schedule]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = start(2, stopped, *common, guarded="hpcaux launch" in how)
     wait_for_epochs(stopped, 1, proc)
@@ -99,7 +99,7 @@ K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without 
 K4 = str(ROOT / "configs" / "cifar10_resnet20_k4.yaml")  # the same, four stages, micro-batches
 EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
              "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
-                                       "lp.loss=al", "lp.multipliers=per_sample"]),
+                                       "lp.loss=al"]),
              "real inputs from the store": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.real_source=store"]),
              "relay at K = 3": (CONFIG, 3, 1, ["parallel.K=3", "parallel.cuts=[3,6]", "lp.real_inputs=beside",
                                                "lp.delayed_grad=fused", "lp.relay=true"]),

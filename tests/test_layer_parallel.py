@@ -204,7 +204,7 @@ def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tm
 def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(tmp_path, cifar_root):
     """One cosine over both phases (8 steps each), so the layer-parallel epoch ends at step
     8 of 16 and the fine-tune at 16."""
-    _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "lp.loss=al", "lp.multipliers=per_sample",
+    _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "lp.loss=al",
                                        "lp.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
                                        "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
                                        "optim.warmup_epochs=0")

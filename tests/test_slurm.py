@@ -48,7 +48,7 @@ def test_sbatch_trains_and_a_dependent_job_analyzes_the_run(slurm, tmp_path, cif
 
 
 def test_usr1_saves_requeues_resumes_and_ends_like_an_uninterrupted_run(slurm, tmp_path, cifar_root):
-    common = [f"data.root={cifar_root}", "train.epochs=6", "lp.loss=al", "lp.multipliers=per_sample", *TINY]
+    common = [f"data.root={cifar_root}", "train.epochs=6", "lp.loss=al", *TINY]
     job = slurm.submit_training(tmp_path / "runs", *common)
     run = tmp_path / "runs" / str(job)
     slurm.wait_for_first_checkpoint(job, run)

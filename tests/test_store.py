@@ -28,8 +28,8 @@ def contents(path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("np_,variant", [(2, ["lp.loss=al", "lp.multipliers=per_sample", "parallel.cuts=[4]"]),
-                                        (3, ["lp.loss=al", "lp.multipliers=per_sample", "lp.aux_source=stored",
+@pytest.mark.parametrize("np_,variant", [(2, ["lp.loss=al", "parallel.cuts=[4]"]),
+                                        (3, ["lp.loss=al", "lp.aux_source=stored",
                                              "data.augment=false", "parallel.cuts=[3,6]"])])
 def test_mpio_and_per_rank_stores_hold_identical_contents(np_, variant, tmp_path, cifar_root):
     pytest.importorskip("mpi4py")
@@ -65,7 +65,7 @@ def test_collective_writes_with_idle_ranks_do_not_hang(np_, mode, tmp_path):
 
 
 def test_resume_gives_the_same_weights_and_store(tmp_path, cifar_root):
-    common = [f"data.root={cifar_root}", "train.epochs=3", "lp.loss=al", "lp.multipliers=per_sample",
+    common = [f"data.root={cifar_root}", "train.epochs=3", "lp.loss=al",
               "parallel.cuts=[4]"]
     check(train(2, tmp_path / "straight", *common))
     check(train(2, tmp_path / "pieces", *common, "--max-epochs", "1"))
@@ -152,7 +152,7 @@ def test_corrupt_checkpoint_and_store_are_clear_errors_and_touch_nothing(tmp_pat
 
 def test_analyze_a_real_run_offline(tmp_path, cifar_root):
     out = tmp_path / "run"
-    check(train(2, out, f"data.root={cifar_root}", "train.epochs=2", "lp.loss=al", "lp.multipliers=per_sample"))
+    check(train(2, out, f"data.root={cifar_root}", "train.epochs=2", "lp.loss=al"))
     shutil.copytree(out, tmp_path / "moved")  # aux.h5 must not depend on where the run was
     proc = check(run([HPCAUX, "analyze", str(tmp_path / "moved" / "aux.h5"), "--out", str(tmp_path / "plots")],
                      timeout=120))

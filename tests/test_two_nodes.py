@@ -75,8 +75,7 @@ def assert_placed_on_two_nodes(summary):
 @pytest.mark.parametrize("backend", every_backend())
 def test_k2_d2_across_two_nodes_equals_one_host(backend, nodes, tmp_path, cifar_root):
     # per-sample multipliers: the two replicas, one on each node, write rows of one array
-    common = [f"data.root={cifar_root}", f"comm.backend={backend}", "train.epochs=2", "lp.loss=al",
-              "lp.multipliers=per_sample"]
+    common = [f"data.root={cifar_root}", f"comm.backend={backend}", "train.epochs=2", "lp.loss=al"]
     train(tmp_path / "one_host", *common)
     spread = train(tmp_path / "two_nodes", *common, **across(nodes))
     assert "placement on 2 nodes (hxnode1: ranks 0-1; hxnode2: ranks 2-3); 0 of 2 stage boundaries cross nodes" \

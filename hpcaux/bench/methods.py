@@ -59,10 +59,9 @@ def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_e
         DATA_PARALLEL.name: ["method=data_parallel", "parallel.K=1", "parallel.D=0", "parallel.cuts=[]",
                              "train.threads=1", f"train.batch_size={batch // K}", f"comm.backend={backend}"],
         PIPELINE.name: ["method=pipeline", f"parallel.K={K}", "parallel.D=1", "train.threads=1", "comm.backend=torch"],
-        LP_PENALTY.name: layer_parallel + ["lp.loss=penalty", "lp.multipliers=none", "lp.finetune_epochs=0"],
-        LP_AL.name: layer_parallel + ["lp.loss=al", "lp.multipliers=per_sample", "lp.finetune_epochs=0"],
+        LP_PENALTY.name: layer_parallel + ["lp.loss=penalty", "lp.finetune_epochs=0"],
+        LP_AL.name: layer_parallel + ["lp.loss=al", "lp.finetune_epochs=0"],
         # equal epochs in all: the fine-tune's epochs come out of the layer-parallel phase
-        LP_AL_FINETUNE.name: layer_parallel + ["lp.loss=al", "lp.multipliers=per_sample",
-                                               f"train.epochs={epochs - finetune_epochs}",
+        LP_AL_FINETUNE.name: layer_parallel + ["lp.loss=al", f"train.epochs={epochs - finetune_epochs}",
                                                f"lp.finetune_epochs={finetune_epochs}"],
     }[method.name]

@@ -61,8 +61,8 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
     if cfg.lp.real_source == "store" and store_mode(cfg.store.mode) != "mpio":
         raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
                         "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
-    if cfg.lp.multipliers == "per_sample" and lay.D > 1 and cfg.store.mode == "per_rank":
-        raise UserError("config key 'lp.multipliers' per_sample with parallel.D > 1 needs store.mode mpio "
+    if cfg.lp.loss == "al" and lay.D > 1 and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.loss' al with parallel.D > 1 needs store.mode mpio "
                         "(the replicas of a stage share one multiplier array)")
     return lay
 

@@ -86,7 +86,7 @@ class LayerParallelStep:
         s = layout.stage
         self.in_boundary = s - 1 if s > 0 else None
         self.out_boundary = s if s < layout.K - 1 else None
-        self.has_multipliers = cfg.lp.multipliers == "per_sample" and self.out_boundary is not None
+        self.has_multipliers = cfg.lp.loss == "al" and self.out_boundary is not None
         self.allreduce_values = 0
         self.epoch_stats = self.fresh_stats()
         self.weight_version: WeightStash | None = None  # this step's, shared by its kept micro-batches

@@ -35,7 +35,7 @@ class RunStore:
                 for parity in (0, 1):
                     store.declare(ArraySpec(real_name(b, parity), (n_train, *shapes[b]), dtype, owner,
                                             holders=replicas + readers, writers=replicas, chunks=chunk, fill=np.nan))
-            if cfg.lp.multipliers == "per_sample":
+            if cfg.lp.loss == "al":
                 replicas = tuple(layout.stage_ranks(b))
                 store.declare(ArraySpec(lambda_name(b), (n_train, *shapes[b]), dtype, owner,
                                         holders=replicas, writers=replicas, chunks=chunk))
