@@ -98,8 +98,7 @@ def test_signals_repeated_to_hpcaux_launch_until_mpirun_exits_leave_a_clean_exit
 K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without an AuxNet
 K4 = str(ROOT / "configs" / "cifar10_resnet20_k4.yaml")  # the same, four stages, micro-batches
 EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
-             "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.consistency=auxnet_follows",
-                                       "lp.loss=al"]),
+             "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.loss=al"]),
              "real inputs from the store": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.real_source=store"]),
              "relay at K = 3": (CONFIG, 3, 1, ["parallel.K=3", "parallel.cuts=[3,6]", "lp.real_inputs=beside",
                                                "lp.delayed_grad=fused", "lp.relay=true"]),

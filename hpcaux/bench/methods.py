@@ -17,6 +17,7 @@ class Method:
     kind: str = ""  # the built-in method a variant changes ("" for the built-ins themselves)
     extra: tuple = ()  # a variant's overrides, after the built-in's
     finetune_epochs: int | None = None  # a variant's own fine-tune length
+    retired: bool = False  # a variant of a retired setting: its finished run is reused, never run again
 
     def ranks(self, K: int) -> int:
         return K if self.ranks_per_k else 1
@@ -34,12 +35,15 @@ METHODS = {m.name: m for m in (SERIAL_1, SERIAL_K, DATA_PARALLEL, PIPELINE, LP_P
 REFERENCE = SERIAL_1.name
 
 
-def variant(name: str, kind: str, overrides: list[str], finetune_epochs: int | None = None) -> Method:
-    """A bench file's own method: a built-in one with more overrides (the accuracy ablation)."""
+def variant(name: str, kind: str, overrides: list[str], finetune_epochs: int | None = None,
+            retired: bool = False) -> Method:
+    """A bench file's own method: a built-in one with more overrides (the accuracy ablation).
+    `retired`: it uses a setting since retired (docs/results.md), so its row can only be
+    reused from the run that measured it."""
     base = METHODS[kind]
     what = ", ".join(overrides + ([f"{finetune_epochs} fine-tune epochs"] if finetune_epochs else []))
     return Method(name, f"{base.label}; {what}" if what else base.label, base.ranks_per_k, kind, tuple(overrides),
-                  finetune_epochs)
+                  finetune_epochs, retired)
 
 
 def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_epochs: int,

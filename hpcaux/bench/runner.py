@@ -35,6 +35,11 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
     shared = spec.overrides + (spec.quick if quick else []) + extra
     cfg = load_config(spec.base, shared)  # a bad override fails here, before any run
     for name in spec.methods:
+        if spec.method(name).retired:  # its setting no longer loads: only its finished run counts
+            if not (reuse and (out / "runs" / name / "summary.json").exists()):
+                raise UserError(f"bench method {name} uses a retired setting: it can only be reused from its "
+                                f"finished run in {out / 'runs' / name} (--reuse), or dropped from the bench file")
+            continue
         load_config(spec.base, shared + method_overrides(spec.method(name), spec.K, cfg.train.batch_size,
                                                          cfg.train.epochs, spec.finetune_epochs, spec.backend))
     (out / "logs").mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,12 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"bench file {path} needs 'base:', the training config the methods share")
     spec = BenchSpec(**{**raw, "base": (path.parent / raw["base"]).resolve()})
     for name, v in (spec.variants or {}).items():
-        if not isinstance(v, dict) or v.get("method") not in METHODS or set(v) - {"method", "overrides", "finetune_epochs"}:
+        if not isinstance(v, dict) or v.get("method") not in METHODS or \
+                set(v) - {"method", "overrides", "finetune_epochs", "retired"}:
             raise UserError(f"bench file {path}: variant {name} needs method: one of {list(METHODS)}, "
-                            f"and only overrides: [...] and finetune_epochs: N besides")
-        spec._variants[name] = variant(name, v["method"], list(v.get("overrides", [])), v.get("finetune_epochs"))
+                            f"and only overrides: [...], finetune_epochs: N and retired: true besides")
+        spec._variants[name] = variant(name, v["method"], list(v.get("overrides", [])), v.get("finetune_epochs"),
+                                       bool(v.get("retired")))
     bad = [m for m in spec.methods if m not in METHODS and m not in spec._variants]
     if bad:
         raise UserError(f"bench file {path}: unknown methods {bad}; known: {list(METHODS)}")

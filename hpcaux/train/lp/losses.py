@@ -27,21 +27,17 @@ class StageTerm:
 
 
 def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=None,
-               local_head=None, local_weight: float = 0.0, pull_stage: bool = True,
-               criterion=F.cross_entropy) -> StageTerm:
-    """The term of stage k given its output F_k(input) and its target A_k(x) (or z_k).
-
-    `pull_stage=False` (lp.consistency: auxnet_follows) makes the consistency terms
-    one-directional: the AuxNet regresses the stage's output, the stage is not pulled
-    towards the AuxNet (its output enters them detached). Without a target (lp.aux_source:
-    none) an earlier stage's own term is its local classifier alone, as on a real input."""
+               local_head=None, local_weight: float = 0.0, criterion=F.cross_entropy) -> StageTerm:
+    """The term of stage k given its output F_k(input) and its target A_k(x) (or z_k): the
+    consistency terms pull both sides together. Without a target (lp.aux_source: none) an
+    earlier stage's own term is its local classifier alone, as on a real input."""
     if is_last:
         ce = criterion(output, labels)
         return StageTerm(ce, None, {"ce": ce.detach()})
     if target is None:
         return real_input_term(output, labels, is_last=False, local_head=local_head, local_weight=local_weight,
                                criterion=criterion)
-    residual = (output if pull_stage else output.detach()) - target
+    residual = output - target
     penalty = 0.5 * rho * residual.pow(2).mean()
     loss, parts = penalty, {"penalty": penalty.detach()}
     if multiplier is not None:

@@ -239,8 +239,7 @@ class LayerParallelStep:
         lp = self.cfg.lp
         with self.precision.autocast():
             return stage_term(out, target, labels, is_last=self.layout.is_last, rho=rho, multiplier=multiplier,
-                              local_head=head, local_weight=lp.local_cls_weight, pull_stage=lp.consistency == "mutual",
-                              criterion=self.criterion)
+                              local_head=head, local_weight=lp.local_cls_weight, criterion=self.criterion)
 
     def _backward_now(self, terms, total, target, primary: bool, sent, stash, real, labels) -> tuple[list, list]:
         """Send this step's output on (`sent`: the output and the input it was computed
