@@ -45,7 +45,8 @@ class Table:
 
 
 def load_tables(spec_file: Path) -> list[Table]:
-    """docs/tables.yaml, checked: every column known, every row's bench file present."""
+    """docs/tables.yaml, checked: every column known (a row's results file is checked when
+    the table is rendered, `_read_results`)."""
     try:
         spec = yaml.safe_load(spec_file.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -97,9 +98,7 @@ def _delta(table: Table, row: Row) -> str:
     """Test accuracy against the reference row in points; with two seeds or more on both
     sides, a difference under twice the larger standard deviation is called a tie."""
     mine, ref = _values(table, row, "test_acc"), _values(table, table.rows[table.reference], "test_acc")
-    if row is table.rows[table.reference]:
-        return "–"
-    if not mine or not ref:
+    if row is table.rows[table.reference] or not mine or not ref:
         return "–"
     diff = (statistics.mean(mine) - statistics.mean(ref)) * 100
     if min(len(mine), len(ref)) < 2:
