@@ -27,7 +27,7 @@ from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
 from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
 from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.lp.exchange import NeighbourExchange, graphs_in_flight
-from hpcaux.train.lp.finetune import FinetuneStep
+from hpcaux.train.lp.finetune import FinetuneParts, FinetuneStep
 from hpcaux.train.lp.metrics import HeldOutMetrics
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
 from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
@@ -250,7 +250,7 @@ class LayerParallelTrainer:
         """Serial-parallel hybrid: end-to-end backprop of the composed network, pipelined over send/recv."""
         cfg, steps, epochs = self.cfg, self.steps, self.cfg.train.epochs
         first = max(self.start_epoch, epochs)
-        step = FinetuneStep(self)
+        step = self.finetune_step()
         loop = EpochLoop([step.optimizer], self.lr_schedule(),
                          step, progress, self.comm.watchdog.context, label="finetune ",
                          describe=lambda e, _: f"finetune {e + 1 - epochs}",
@@ -268,6 +268,11 @@ class LayerParallelTrainer:
             self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
             loop.stop.after_epoch(epoch + 1, last_epoch)
         return all_totals
+
+    def finetune_step(self) -> FinetuneStep:
+        return FinetuneStep(FinetuneParts(self.chain, self.stage_opt, self.step.criterion,
+                                          self.cfg.parallel.microbatches, self.comm, self.step.stage_group,
+                                          self.stop_vote))
 
     def _end_of_epoch(self, epoch: int, record: dict, log, progress, last_epoch: int):
         """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks).

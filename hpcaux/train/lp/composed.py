@@ -13,9 +13,10 @@ computes b.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hpcaux.comm import Comm
+from hpcaux.train.lp.executor import Executor
+from hpcaux.train.lp.schedule import Action, Plan, timetable
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.precision import Precision
 
@@ -32,6 +33,7 @@ class StageChain:
         s = layout.stage
         self.prev = layout.rank_of(s - 1) if s > 0 else None
         self.next = layout.rank_of(s + 1) if s < layout.K - 1 else None
+        self.peer_ranks = {peer: layout.rank_of(peer) for peer in (s - 1, s + 1) if 0 <= peer < layout.K}
 
     def _recv_input(self, batch: int, requires_grad: bool) -> torch.Tensor:
         shape = (batch, *self.shapes[self.layout.stage - 1])
@@ -47,49 +49,99 @@ class StageChain:
             self.comm.send(out.detach(), self.next, what="send boundary activation")
         return inp, out
 
+    def run_timetable(self, plan: Plan, program: "ChainProgram") -> None:
+        """Run this stage's timetable of `plan` (a gpipe or evaluate path) on `program`."""
+        Executor(self.comm, self.peer_ranks).run(timetable(plan, self.layout.stage), program)
+
     @torch.no_grad()
     def correct_count(self, batches) -> tuple[int, int]:
-        """(correct, total) of the composed network on `batches`; nonzero on the last stage."""
+        """(correct, total) of the composed network on `batches`; nonzero on the last stage.
+        Batch by batch along the chain (the evaluate timetable): stage k computes batch
+        b+1 while stage k+1 computes b, since sends do not wait."""
         was_training = self.stage.training
         self.stage.eval()
         correct = total = 0
         for x, y in batches:
-            _, out = self.forward(x)
-            if self.next is None:
-                correct += (out.argmax(1) == y).sum().item()
-                total += len(y)
+            program = ChainProgram(self, [(x, y)], self.stage)
+            self.run_timetable(Plan("evaluate", self.layout.K, steps=1), program)
+            correct += program.correct
+            total += len(y) if self.next is None else 0
         self.stage.train(was_training)
         return correct, total
 
-    def backprop_step(self, x: torch.Tensor, y: torch.Tensor, criterion=F.cross_entropy,
-                      microbatches: int = 1) -> torch.Tensor | None:
-        """One end-to-end backprop step of the composed network, as a GPipe pipeline: the
-        batch in `microbatches` parts, every part's forward (stage k runs part m+1 while
-        stage k+1 runs part m: sends do not wait), then every part's backward in reverse.
-        The loss is the batch's mean, each part weighted by its share, so the gradient is
-        the full batch's (with BatchNorm statistics per part, as in GPipe).
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, criterion, microbatches: int, apply,
+                   vote) -> torch.Tensor | None:
+        """One end-to-end backprop step of the composed network, as a GPipe pipeline (the
+        gpipe timetable): the batch in `microbatches` parts, every part's forward (stage k
+        runs part m+1 while stage k+1 runs part m: sends do not wait), then every part's
+        backward in reverse, then `apply()` (average and step) and `vote(loss)` (the
+        stop vote). The loss is the batch's mean, each part weighted by its share, so the
+        gradient is the full batch's (with BatchNorm statistics per part, as in GPipe).
 
-        Leaves this stage's parameter gradients in .grad; the caller averages and steps.
         Returns the loss on the last stage (detached, on the device: the epoch loop reads it).
         """
         parts = list(zip(x.tensor_split(min(microbatches, len(x))), y.tensor_split(min(microbatches, len(y)))))
-        sends, kept, losses = [], [], []
-        for xm, ym in parts:
-            inp = xm if self.prev is None else self._recv_input(len(xm), requires_grad=True)
-            out = self.precision.forward(self.stage, inp) if self.precision else self.stage(inp)
-            if self.next is None:
-                losses.append(criterion(out, ym) * (len(ym) / len(y)))
-            else:
-                sends.append(self.comm.isend(out, self.next, what="isend boundary activation"))
-            kept.append((inp, out))
-        for m in reversed(range(len(parts))):
-            inp, out = kept[m]
-            if self.next is None:
-                losses[m].backward()
-            else:
-                out.backward(self.comm.recv(torch.empty_like(out), self.next, what="recv boundary gradient"))
-            if self.prev is not None:
-                sends.append(self.comm.isend(inp.grad, self.prev, what="isend boundary gradient"))
-        for pending in sends:
-            pending.wait()
-        return torch.stack(losses).sum().detach() if losses else None
+        run = (lambda h: self.precision.forward(self.stage, h)) if self.precision else self.stage
+        program = ChainProgram(self, parts, run, criterion=criterion, apply=apply, vote=vote)
+        self.run_timetable(Plan("gpipe", self.layout.K, steps=1, microbatches=len(parts)), program)
+        return program.loss()
+
+
+class ChainProgram:
+    """What one stage computes in the gpipe and evaluate timetables (the executor does the
+    messages): the forward of each part of a batch on the received activation (the image
+    on the first stage); with a `criterion`, the last stage's loss of each part, weighted
+    by its share of the batch, and the backwards; without, the last stage's correct count."""
+
+    def __init__(self, chain: StageChain, parts: list[tuple], run, criterion=None, apply=None, vote=None):
+        self.chain, self.parts, self.run, self.criterion = chain, parts, run, criterion
+        self.apply, self.vote = apply, vote   # the fine-tune's optimiser step and stop vote
+        self.total = sum(len(y) for _, y in parts)
+        self.inputs, self.outputs, self.returned, self.losses = {}, {}, {}, {}
+        self.correct = 0
+
+    def buffer(self, action: Action) -> torch.Tensor:
+        if action.what == "activation":
+            shape = (len(self.parts[action.batch][1]), *self.chain.shapes[self.chain.layout.stage - 1])
+            return torch.empty(shape, device=self.chain.device)
+        return torch.empty_like(self.outputs[action.batch])
+
+    def received(self, action: Action, tensor: torch.Tensor):
+        if action.what == "activation":
+            self.inputs[action.batch] = tensor.requires_grad_(self.criterion is not None)
+        else:
+            self.returned[action.batch] = tensor
+
+    def outgoing(self, action: Action) -> torch.Tensor:
+        if action.what == "activation":
+            return self.outputs[action.batch].detach()
+        return self.inputs.pop(action.batch).grad
+
+    def forward(self, action: Action):
+        x, y = self.parts[action.batch]
+        out = self.run(x if action.what == "image" else self.inputs[action.batch])
+        self.outputs[action.batch] = out
+        if self.chain.next is not None:
+            return
+        if self.criterion is not None:
+            self.losses[action.batch] = self.criterion(out, y) * (len(y) / self.total)
+        else:
+            self.correct += (out.argmax(1) == y).sum().item()
+
+    def backward(self, action: Action):
+        (kind, batch), = action.roots
+        if kind == "own":
+            self.losses[batch].backward()
+        else:
+            self.outputs[batch].backward(self.returned.pop(batch))
+        del self.outputs[batch]
+
+    def opt_step(self, _action: Action):
+        self.apply()
+
+    def allreduce(self, _action: Action):
+        self.vote(self.loss())
+
+    def loss(self) -> torch.Tensor | None:
+        """The batch's loss on the last stage (detached, on the device); None elsewhere."""
+        return torch.stack(list(self.losses.values())).sum().detach() if self.losses else None
