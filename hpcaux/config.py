@@ -4,7 +4,7 @@ Every key a user can set lives in one of the dataclasses below, so the dataclass
 the reference (docs/configuration.md is generated from them and checked by a test).
 Validation happens before anything is written: an unknown key, a wrong type or an
 impossible value raises UserError naming the dotted key, with the closest valid key
-when it looks like a typo.
+when it looks like a typo; the rules between keys are in hpcaux.config_rules.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from hpcaux.config_rules import check_consistency
 from hpcaux.errors import UserError
-from hpcaux.models import ARCHITECTURES, IMAGENET_ARCHITECTURES
+from hpcaux.models import ARCHITECTURES
 from hpcaux.models.auxnet import DEFAULT_DEPTH, DEFAULT_WIDTH
 
 MODELS = tuple(ARCHITECTURES)
@@ -111,6 +112,7 @@ class LayerParallelConfig:
     real_source: str = field(default="exchange", metadata={"choices": ("exchange", "store"), "help": "where lp.real_inputs come from: exchange (stage k's output of the previous step, sent point to point) or store (stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs store.mode mpio and lp.delayed_grad none; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still, through the graph it kept (fused: together with its own term of that batch, one backward per step; needs real_inputs)"})
     relay: bool = field(default=False, metadata={"help": "the AuxNet at every boundary (with lp.real_inputs and lp.delayed_grad keep or fused): a middle stage sends on its output on the real input it received, not on the AuxNet's prediction, so stage k's real input is the composition F_{k-1}(...F_0(x)) of the batch k steps back, trained on beside the AuxNet's prediction and pulled towards the AuxNet's target of that batch; every returned gradient stays two steps (micro-batches) late whatever K is (docs/algorithm.md)"})
+    exchange_warmup: int = field(default=0, metadata={"min": 0, "help": "epochs the AuxNet objective trains alone before the neighbour exchange (lp.real_inputs from the exchange) starts, so the real inputs meet a trained AuxNet (a lever of docs/accuracy.md)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
     microbatches: int = field(default=1, metadata={"min": 1, "help": "split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch: in the pipeline without an AuxNet (aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md)"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches), on the same learning-rate schedule and stage optimisers"})
@@ -277,68 +279,6 @@ def parse_override(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def _check_consistency(cfg: Config):
-    if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
-        raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
-                        "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
-    if cfg.lp.real_source == "store" and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad != "none"
-                                          or cfg.lp.aux_source != "auxnet"):
-        raise UserError("config key 'lp.real_source' is store, which needs lp.real_inputs beside or only, "
-                        "lp.delayed_grad none and lp.aux_source auxnet (a stored output is an epoch old: no gradient "
-                        "goes back, and the AuxNet feeds the first epoch)")
-    if cfg.lp.real_source == "store" and cfg.store.mode == "per_rank":
-        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file "
-                        "(store.mode mpio or auto), not per_rank: stage k+1 reads what stage k writes")
-    if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
-        raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
-                        "(without an AuxNet the last stage trains on stage 1's real output alone)")
-    if cfg.lp.aux_source == "none" and cfg.lp.loss == "al":
-        raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty "
-                        "(the multipliers belong to an AuxNet target)")
-    if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
-        raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
-                        f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
-    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss == "al"):
-        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
-                        "or none and lp.loss penalty (stored z and per-sample multipliers are stepped per batch)")
-    if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
-                         or cfg.lp.aux_source != "auxnet" or cfg.lp.real_source != "exchange"):
-        raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
-                        "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
-                        "its output on the real input and keeps that graph for the returned gradient)")
-    if cfg.train.batch_size % cfg.lp.microbatches:
-        raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
-                        f"'lp.microbatches' ({cfg.lp.microbatches})")
-    if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
-        raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
-                        "targets the boundary norm keeps them from collapsing, docs/design.md §1)")
-    if cfg.lp.real_inputs != "none" and cfg.lp.aux_source == "stored":
-        raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
-    if cfg.lp.rho_max < cfg.lp.rho0:
-        raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
-    if cfg.method in ("serial", "data_parallel") and (cfg.parallel.K != 1):
-        raise UserError(f"config key 'parallel.K' must be 1 for method: {cfg.method} (use method: layer_parallel)")
-    if cfg.method == "pipeline" and (cfg.parallel.K < 2 or cfg.parallel.D not in (0, 1)):
-        raise UserError("method pipeline needs parallel.K >= 2 stages and parallel.D = 1")
-    if cfg.lp.aux_source == "stored" and cfg.data.augment:
-        raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
-    if cfg.data.dataset == "imagenet" and cfg.model.arch not in IMAGENET_ARCHITECTURES:
-        raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs "
-                        f"one of {', '.join(IMAGENET_ARCHITECTURES)}")
-    if cfg.data.dataset != "imagenet" and cfg.model.arch in IMAGENET_ARCHITECTURES:
-        raise UserError(f"config key 'model.arch' {cfg.model.arch} is an ImageNet model; use it with data.dataset: imagenet")
-    if cfg.data.image_size and cfg.data.dataset != "imagenet":
-        raise UserError(f"config key 'data.image_size' ({cfg.data.image_size}) applies to ImageNet folders only; "
-                        f"{cfg.data.dataset} images keep their size")
-    if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
-        raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")
-    if cfg.auxnet.head_layers and (len(cfg.auxnet.head_layers) != cfg.parallel.K - 1 or min(cfg.auxnet.head_layers) < 0):
-        raise UserError(f"config key 'auxnet.head_layers' needs K-1 = {cfg.parallel.K - 1} counts >= 0, one per "
-                        f"boundary, got {cfg.auxnet.head_layers}")
-    if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
-        raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
     silently, so a typo'd duplicate would override the intended value unseen)."""
@@ -382,7 +322,7 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
             _set(cfg, key, value)
     for text in overrides:
         _set(cfg, *parse_override(text))
-    _check_consistency(cfg)
+    check_consistency(cfg)
     return cfg
 
 

@@ -137,6 +137,19 @@ def test_stored_mode_runs_end_to_end(tmp_path, cifar_root):
     assert summary["allreduce_values_per_step"] == 32 * 16 * 32 * 32
 
 
+def test_exchange_warmup_trains_the_auxnet_alone_then_starts_the_exchange(tmp_path, cifar_root):
+    """lp.exchange_warmup=1: the first epoch is the AuxNet objective alone, to the bit (the
+    stage losses and accuracy of a run without the exchange); the second trains on real
+    inputs too, so its losses part from that run's."""
+    tiny = ["parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
+            "data.eval_subset=200", "data.test_subset=500"]
+    _, _, alone, _ = _lp_run(tmp_path / "alone", cifar_root, 2, *tiny)
+    _, _, warmed, _ = _lp_run(tmp_path / "warmed", cifar_root, 2, *tiny, "lp.real_inputs=beside",
+                              "lp.delayed_grad=fused", "lp.exchange_warmup=1")
+    assert warmed[0]["stage_loss"] == alone[0]["stage_loss"] and warmed[0]["composed_acc"] == alone[0]["composed_acc"]
+    assert warmed[1]["stage_loss"] != alone[1]["stage_loss"]
+
+
 def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agrees(tmp_path, cifar_root):
     """The shipped K = 2 config is the pipeline without an AuxNet (lp.aux_source=none): no
     AuxNet anywhere (no metrics, no checkpoint file, no allreduce of its gradients); the

@@ -130,6 +130,7 @@ class LayerParallelTrainer:
             if exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
             if cfg.lp.real_source == "store" else None
+        self.exchange = exchange   # the step's from epoch lp.exchange_warmup on
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
                                       auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
                                       store=self.store, shapes=self.shapes, stage_group=stage_group,
@@ -212,6 +213,7 @@ class LayerParallelTrainer:
             loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
             if self.step.stored_real:
                 self.step.stored_real.start_epoch(epoch)
+            self.step.exchange = self.exchange if epoch >= cfg.lp.exchange_warmup else None
             if self.step.exchange:
                 self.step.exchange.start_epoch((loop.step - epoch * steps) * cfg.lp.microbatches,
                                                self.resumed_exchange if epoch == self.start_epoch else None)

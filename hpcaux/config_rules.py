@@ -1,0 +1,80 @@
+"""The rules between config keys: which values of one key need which of another
+(hpcaux.config checks each key on its own; these check the whole, once it is loaded).
+Each broken rule is one UserError naming the key and what it needs."""
+from __future__ import annotations
+
+import typing
+
+from hpcaux.errors import UserError
+from hpcaux.models import IMAGENET_ARCHITECTURES
+
+if typing.TYPE_CHECKING:
+    from hpcaux.config import Config
+
+
+def check_consistency(cfg: Config):
+    """Raise a UserError naming the first key whose value contradicts another's."""
+    if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
+        raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
+                        "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
+    if cfg.lp.real_source == "store" and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad != "none"
+                                          or cfg.lp.aux_source != "auxnet"):
+        raise UserError("config key 'lp.real_source' is store, which needs lp.real_inputs beside or only, "
+                        "lp.delayed_grad none and lp.aux_source auxnet (a stored output is an epoch old: no gradient "
+                        "goes back, and the AuxNet feeds the first epoch)")
+    if cfg.lp.real_source == "store" and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file "
+                        "(store.mode mpio or auto), not per_rank: stage k+1 reads what stage k writes")
+    if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
+        raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
+                        "(without an AuxNet the last stage trains on stage 1's real output alone)")
+    if cfg.lp.aux_source == "none" and cfg.lp.loss == "al":
+        raise UserError("config key 'lp.aux_source' is none, which needs lp.loss=penalty "
+                        "(the multipliers belong to an AuxNet target)")
+    if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
+        raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
+                        f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
+    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss == "al"):
+        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
+                        "or none and lp.loss penalty (stored z and per-sample multipliers are stepped per batch)")
+    if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
+                         or cfg.lp.aux_source != "auxnet" or cfg.lp.real_source != "exchange"):
+        raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
+                        "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
+                        "its output on the real input and keeps that graph for the returned gradient)")
+    if cfg.lp.exchange_warmup and (cfg.lp.real_inputs == "none" or cfg.lp.real_source != "exchange"
+                                   or cfg.lp.aux_source != "auxnet"):
+        raise UserError(f"config key 'lp.exchange_warmup' is {cfg.lp.exchange_warmup}, which needs lp.real_inputs "
+                        "beside or only from lp.real_source exchange and lp.aux_source auxnet: it delays the exchange "
+                        "behind the AuxNet alone")
+    if cfg.train.batch_size % cfg.lp.microbatches:
+        raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
+                        f"'lp.microbatches' ({cfg.lp.microbatches})")
+    if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
+        raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
+                        "targets the boundary norm keeps them from collapsing, docs/design.md §1)")
+    if cfg.lp.real_inputs != "none" and cfg.lp.aux_source == "stored":
+        raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
+    if cfg.lp.rho_max < cfg.lp.rho0:
+        raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
+    if cfg.method in ("serial", "data_parallel") and (cfg.parallel.K != 1):
+        raise UserError(f"config key 'parallel.K' must be 1 for method: {cfg.method} (use method: layer_parallel)")
+    if cfg.method == "pipeline" and (cfg.parallel.K < 2 or cfg.parallel.D not in (0, 1)):
+        raise UserError("method pipeline needs parallel.K >= 2 stages and parallel.D = 1")
+    if cfg.lp.aux_source == "stored" and cfg.data.augment:
+        raise UserError("config key 'lp.aux_source' is stored, which needs 'data.augment: false' (one z per un-augmented sample)")
+    if cfg.data.dataset == "imagenet" and cfg.model.arch not in IMAGENET_ARCHITECTURES:
+        raise UserError(f"config key 'model.arch' is {cfg.model.arch}, a CIFAR model; data.dataset imagenet needs "
+                        f"one of {', '.join(IMAGENET_ARCHITECTURES)}")
+    if cfg.data.dataset != "imagenet" and cfg.model.arch in IMAGENET_ARCHITECTURES:
+        raise UserError(f"config key 'model.arch' {cfg.model.arch} is an ImageNet model; use it with data.dataset: imagenet")
+    if cfg.data.image_size and cfg.data.dataset != "imagenet":
+        raise UserError(f"config key 'data.image_size' ({cfg.data.image_size}) applies to ImageNet folders only; "
+                        f"{cfg.data.dataset} images keep their size")
+    if sorted(set(cfg.parallel.cuts)) != list(cfg.parallel.cuts):
+        raise UserError(f"config key 'parallel.cuts' must be strictly increasing, got {cfg.parallel.cuts}")
+    if cfg.auxnet.head_layers and (len(cfg.auxnet.head_layers) != cfg.parallel.K - 1 or min(cfg.auxnet.head_layers) < 0):
+        raise UserError(f"config key 'auxnet.head_layers' needs K-1 = {cfg.parallel.K - 1} counts >= 0, one per "
+                        f"boundary, got {cfg.auxnet.head_layers}")
+    if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
+        raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
