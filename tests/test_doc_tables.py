@@ -95,3 +95,27 @@ def test_a_bad_spec_or_document_is_one_error_line_and_nothing_is_written(repo, e
     proc = _report(repo)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert (repo / "docs" / "accuracy.md").read_text() == before
+
+
+def test_the_speed_columns_show_stages_cut_imbalances_and_time_to_the_reference_accuracy(repo):
+    """A layer-parallel row shows its stage times, its cut and the imbalance as timed
+    before training and as trained (slowest stage over the mean); a serial row has none.
+    Time to accuracy: training seconds until the row's curve first reaches the reference
+    row's final accuracy."""
+    results = _results({"serial": (0.70, 100.0), "close": (0.71, 150.0)})
+    results["methods"]["serial"].update(ranks=1, step_ms=400.0, curve=[[10.0, 0.5], [20.0, 0.7]])
+    results["methods"]["close"].update(ranks=2, step_ms=250.4, stage_ms_per_rank=[180.2, 220.0], cuts=[4],
+                                       cut_imbalance=0.051, curve=[[8.0, 0.6], [16.0, 0.72]])
+    (repo / "docs" / "bench" / "a" / "results.json").write_text(json.dumps(results))
+    (repo / "docs" / "tables.yaml").write_text("""tables:
+  seeds:
+    doc: docs/accuracy.md
+    columns: [samples, step, stages, cut, imbalance, reach]
+    rows:
+      - {label: serial, method: serial, bench: a}
+      - {label: close, method: close, bench: a}
+""")
+    assert _report(repo).returncode == 0
+    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
+    assert "| serial | 100 | 400 | – | – | – | 20 s |" in lines
+    assert "| close | 150 | 250 | 180/220 | [4] | 5.1 % / 9.9 % | 16 s |" in lines

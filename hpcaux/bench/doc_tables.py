@@ -18,11 +18,14 @@ from pathlib import Path
 
 import yaml
 
+from hpcaux.bench.report import time_to_accuracy
 from hpcaux.errors import UserError
 
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 COLUMNS = {"val": "val acc (last epoch)", "test": "test acc", "delta": "Δ test vs {ref}",
-           "seeds": "test acc per seed", "speedup": "samples/s vs {ref}"}
+           "seeds": "test acc per seed", "speedup": "samples/s vs {ref}", "samples": "samples/s",
+           "step": "step ms", "stages": "stage ms per rank", "cut": "cut", "imbalance": "imbalance timed / trained",
+           "reach": "time to {ref}'s accuracy"}
 
 
 @dataclass
@@ -121,6 +124,41 @@ def _speedup(table: Table, row: Row) -> str:
     return f"{mine['samples_per_s'] / ref['samples_per_s']:.2f}×{reused}"
 
 
+def _time_to_reference(table: Table, row: Row) -> str:
+    """Training seconds until the row's held-out accuracy first reaches the reference row's
+    final one, within one bench invocation (as `hpcaux bench` reports it)."""
+    ref_row = table.rows[table.reference]
+    if row.benches[0] != ref_row.benches[0]:
+        return "other bench"
+    methods = table.results[row.benches[0]]["methods"]
+    mine, ref = methods.get(row.method), methods.get(ref_row.method)
+    if not mine or not ref or "error" in mine or "error" in ref or not ref.get("curve"):
+        return "–"
+    reached = time_to_accuracy(mine["curve"], ref["curve"][-1][1])
+    return f"{reached:.0f} s" if reached is not None else "not reached"
+
+
+def _cost(table: Table, row: Row, column: str) -> str:
+    """The speed columns, from the row's first bench (one invocation, like the speedup);
+    `–` where the method has no such number (no stages, no cut)."""
+    rec = table.results[row.benches[0]]["methods"].get(row.method)
+    if rec is None or "error" in rec:
+        return "–"
+    stages = rec.get("stage_ms_per_rank") if rec.get("ranks", 1) > 1 else None
+    if column == "samples":
+        return f"{rec['samples_per_s']:.0f}"
+    if column == "step":
+        return f"{rec['step_ms']:.0f}"
+    if column == "stages":
+        return "/".join(f"{v:.0f}" for v in stages) if stages else "–"
+    if column == "cut":
+        return str(rec["cuts"]) if rec.get("cuts") else "–"
+    if not stages or rec.get("cut_imbalance") is None:
+        return "–"
+    trained = max(stages) / (sum(stages) / len(stages)) - 1
+    return f"{100 * rec['cut_imbalance']:.1f} % / {100 * trained:.1f} %"
+
+
 def _cell(table: Table, row: Row, column: str) -> str:
     if column == "val":
         return _mean_std(_values(table, row, "val_acc"), 3)
@@ -130,7 +168,11 @@ def _cell(table: Table, row: Row, column: str) -> str:
         return " / ".join("not yet run" if v is None else f"{v:.4f}" for v in _per_bench(table, row, "test_acc"))
     if column == "delta":
         return _delta(table, row)
-    return _speedup(table, row)
+    if column == "speedup":
+        return _speedup(table, row)
+    if column == "reach":
+        return _time_to_reference(table, row)
+    return _cost(table, row, column)
 
 
 def render(table: Table, bench_root: Path) -> str:
