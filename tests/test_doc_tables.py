@@ -56,10 +56,11 @@ def test_the_report_writes_mean_std_and_the_protocol_rule_into_the_block(repo):
     assert text.startswith("# Accuracy\n\nBefore.\n\n<!-- table seeds: generated -->\n") and text.endswith(
         "<!-- end table -->\n\nAfter.\n")
     lines = text.splitlines()
-    assert "| serial | 0.7000 / 0.7200 | 0.7100 ± 0.0141 (2 seeds) | – | 1.00× |" in lines
+    # the speed is a ratio within each invocation, then their mean ± std
+    assert "| serial | 0.7000 / 0.7200 | 0.7100 ± 0.0141 (2 seeds) | – | 1.00× ± 0.00 (2 invocations) |" in lines
     # one point apart, under twice the larger standard deviation (2.8 points): a tie
-    assert "| close | 0.7100 / 0.6900 | 0.7000 ± 0.0141 (2 seeds) | -1.0 pt (tie) | 1.50× |" in lines
-    assert "| behind | 0.6000 / 0.6100 | 0.6050 ± 0.0071 (2 seeds) | -10.5 pt | 0.50× |" in lines
+    assert "| close | 0.7100 / 0.6900 | 0.7000 ± 0.0141 (2 seeds) | -1.0 pt (tie) | 1.48× ± 0.03 (2 invocations) |" in lines
+    assert "| behind | 0.6000 / 0.6100 | 0.6050 ± 0.0071 (2 seeds) | -10.5 pt | 0.50× ± 0.00 (2 invocations) |" in lines
     # a seed not yet run is named, and the difference is marked as resting on one seed
     assert "| half-run | 0.6500 / not yet run | 0.6500 | -6.0 pt (one seed) | 0.80× |" in lines
     assert _report(repo, "--check").returncode == 0

@@ -111,17 +111,27 @@ def _delta(table: Table, row: Row) -> str:
 
 
 def _speedup(table: Table, row: Row) -> str:
-    """Only between rows of one bench invocation (the first bench of each row), and
-    marked where either row was reused from an earlier invocation."""
+    """Samples/s against the reference row, only between rows of one bench invocation:
+    per invocation (seed) the row and the reference ran in, then their mean ± standard
+    deviation over the invocations where both ran; marked where a row was reused from an
+    earlier invocation."""
     ref_row = table.rows[table.reference]
-    if row.benches[0] != ref_row.benches[0]:
+    common = [b for b in row.benches if b in ref_row.benches]
+    if not common:
         return "other bench"
-    methods = table.results[row.benches[0]]["methods"]
-    mine, ref = methods.get(row.method), methods.get(ref_row.method)
-    if not mine or not ref or "error" in mine or "error" in ref:
+    ratios, reused = [], ""
+    for bench in common:
+        methods = table.results[bench]["methods"]
+        mine, ref = methods.get(row.method), methods.get(ref_row.method)
+        if not mine or not ref or "error" in mine or "error" in ref:
+            continue
+        ratios.append(mine["samples_per_s"] / ref["samples_per_s"])
+        reused = " (a row reused)" if mine.get("reused") or ref.get("reused") else reused
+    if not ratios:
         return "–"
-    reused = " (a row reused)" if mine.get("reused") or ref.get("reused") else ""
-    return f"{mine['samples_per_s'] / ref['samples_per_s']:.2f}×{reused}"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}×{reused}"
+    return f"{statistics.mean(ratios):.2f}× ± {statistics.stdev(ratios):.2f} ({len(ratios)} invocations){reused}"
 
 
 def _time_to_reference(table: Table, row: Row) -> str:
