@@ -112,7 +112,6 @@ class LayerParallelConfig:
     real_source: str = field(default="exchange", metadata={"choices": ("exchange", "store"), "help": "where lp.real_inputs come from: exchange (stage k's output of the previous step, sent point to point) or store (stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs store.mode mpio and lp.delayed_grad none; docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still, through the graph it kept (fused: together with its own term of that batch, one backward per step; needs real_inputs)"})
     relay: bool = field(default=False, metadata={"help": "the AuxNet at every boundary (with lp.real_inputs and lp.delayed_grad keep or fused): a middle stage sends on its output on the real input it received, not on the AuxNet's prediction, so stage k's real input is the composition F_{k-1}(...F_0(x)) of the batch k steps back, trained on beside the AuxNet's prediction and pulled towards the AuxNet's target of that batch; every returned gradient stays two steps (micro-batches) late whatever K is (docs/algorithm.md)"})
-    exchange_warmup: int = field(default=0, metadata={"min": 0, "help": "epochs the AuxNet objective trains alone before the neighbour exchange (lp.real_inputs from the exchange) starts, so the real inputs meet a trained AuxNet (a lever of docs/accuracy.md)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
     microbatches: int = field(default=1, metadata={"min": 1, "help": "split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch: in the pipeline without an AuxNet (aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md)"})
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches), on the same learning-rate schedule and stage optimisers"})
@@ -235,7 +234,8 @@ def _flatten(tree: dict, prefix="") -> dict:
 # Keys retired after measurements (docs/results.md), with the one behaviour that remains:
 # a config or run directory that still names one is read as before when it asks for that
 # behaviour (None: any value, the key having meant something only with a retired choice).
-RETIRED = {"lp.finetune_schedule": "continue", "lp.finetune_lr": None, "lp.consistency": "mutual"}
+RETIRED = {"lp.finetune_schedule": "continue", "lp.finetune_lr": None, "lp.consistency": "mutual",
+           "lp.exchange_warmup": 0}
 # Keys folded into another: the value that still means something, and what it sets.
 FOLDED = {"lp.multipliers": {"per_sample": ("lp.loss", "al"), "none": None}}
 

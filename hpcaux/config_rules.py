@@ -14,6 +14,11 @@ if typing.TYPE_CHECKING:
 
 def check_consistency(cfg: Config):
     """Raise a UserError naming the first key whose value contradicts another's."""
+    _check_layer_parallel_keys(cfg)
+    _check_method_model_and_data(cfg)
+
+
+def _check_layer_parallel_keys(cfg: Config):
     if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
         raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
                         "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
@@ -42,11 +47,6 @@ def check_consistency(cfg: Config):
         raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
                         "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
                         "its output on the real input and keeps that graph for the returned gradient)")
-    if cfg.lp.exchange_warmup and (cfg.lp.real_inputs == "none" or cfg.lp.real_source != "exchange"
-                                   or cfg.lp.aux_source != "auxnet"):
-        raise UserError(f"config key 'lp.exchange_warmup' is {cfg.lp.exchange_warmup}, which needs lp.real_inputs "
-                        "beside or only from lp.real_source exchange and lp.aux_source auxnet: it delays the exchange "
-                        "behind the AuxNet alone")
     if cfg.train.batch_size % cfg.lp.microbatches:
         raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
                         f"'lp.microbatches' ({cfg.lp.microbatches})")
@@ -57,6 +57,9 @@ def check_consistency(cfg: Config):
         raise UserError("config key 'lp.real_inputs' needs lp.aux_source auxnet (stored z has no real-input variant)")
     if cfg.lp.rho_max < cfg.lp.rho0:
         raise UserError(f"config key 'lp.rho_max' ({cfg.lp.rho_max}) is below 'lp.rho0' ({cfg.lp.rho0})")
+
+
+def _check_method_model_and_data(cfg: Config):
     if cfg.method in ("serial", "data_parallel") and (cfg.parallel.K != 1):
         raise UserError(f"config key 'parallel.K' must be 1 for method: {cfg.method} (use method: layer_parallel)")
     if cfg.method == "pipeline" and (cfg.parallel.K < 2 or cfg.parallel.D not in (0, 1)):
@@ -78,3 +81,20 @@ def check_consistency(cfg: Config):
                         f"boundary, got {cfg.auxnet.head_layers}")
     if cfg.parallel.cuts and len(cfg.parallel.cuts) != cfg.parallel.K - 1:
         raise UserError(f"config key 'parallel.cuts' needs K-1 = {cfg.parallel.K - 1} cut points, got {len(cfg.parallel.cuts)}")
+
+
+def check_layer_parallel_world(cfg: Config, D: int, store_mode: str):
+    """The rules that need the job's shape: the replicas D the world holds and the store
+    mode `store.mode` resolves to ('mpio' or 'per_rank')."""
+    K = cfg.parallel.K
+    if cfg.lp.aux_source == "none" and K > 2 and cfg.lp.delayed_grad not in ("keep", "fused"):
+        raise UserError(f"config key 'lp.aux_source' none with parallel.K={K} needs lp.delayed_grad keep or fused, "
+                        f"got {cfg.lp.delayed_grad} (a middle stage returns its input gradient from the graph it kept)")
+    if cfg.lp.aux_source == "stored" and D > 1:
+        raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
+    if cfg.lp.real_source == "store" and store_mode != "mpio":
+        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
+                        "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
+    if cfg.lp.loss == "al" and D > 1 and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.loss' al with parallel.D > 1 needs store.mode mpio "
+                        "(the replicas of a stage share one multiplier array)")

@@ -93,8 +93,6 @@ CATALOGUE = {
     "weight prediction without a kept forward": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                      "lp.weight_prediction=2"],
                                                  "config key 'lp.weight_prediction' is 2, which needs lp.delayed_grad keep"),
-    "exchange warm-up without an exchange": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.exchange_warmup=2"],
-                                             "config key 'lp.exchange_warmup' is 2, which needs lp.real_inputs beside"),
     "relay without a kept graph": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.real_inputs=beside",
                                        "lp.relay=true"],
                                    "config key 'lp.relay' is true, which needs lp.real_inputs beside or only, "

@@ -144,6 +144,13 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
     ax.legend()
     save(fig, "accuracy.png")
 
+    _plot_arrays_and_drift(plt, view, save)
+    return written
+
+
+def _plot_arrays_and_drift(plt, view: StoreView, save):
+    """The histograms of the stored z and multipliers, and the probe snapshots' drift
+    per epoch, where the run has them."""
     arrays = [(b, name) for b in range(view.K - 1) for name in ("z", "lambda") if view.boundary(b, name) is not None]
     if arrays:
         fig, axes = plt.subplots(1, len(arrays), figsize=(4 * len(arrays), 3.5), squeeze=False)
@@ -162,7 +169,6 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
         ax.set(xlabel="epoch", ylabel="||h_k(probe)_e - h_k(probe)_{e-1}|| / ||h_k(probe)_e||", yscale="log")
         ax.legend()
         save(fig, "snapshot_drift.png")
-    return written
 
 
 def analyze(path: Path, out_dir: Path | None = None) -> tuple[str, list[Path]]:

@@ -18,29 +18,28 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
-from hpcaux.data.sets import cut_timing_sample, load_data
+from hpcaux.config_rules import check_layer_parallel_world
+from hpcaux.data.sets import load_data
 from hpcaux.errors import UserError
-from hpcaux.models import block_count, build_model
-from hpcaux.models.partition import boundary_shapes, check_stage_count, make_stages
+from hpcaux.models import block_count
+from hpcaux.models.partition import check_stage_count
 from hpcaux.store.aux_store import open_store_for_run, store_mode
 from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
-from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, restore_trainer, save_trainer
+from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, save_run
 from hpcaux.train.lp.composed import StageChain
-from hpcaux.train.lp.exchange import NeighbourExchange, graphs_in_flight
+from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.finetune import FinetuneParts, FinetuneStep
 from hpcaux.train.lp.metrics import HeldOutMetrics
-from hpcaux.train.lp.modules import build_auxnet, build_local_head
+from hpcaux.train.lp.parts import build_stage_parts
 from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
 from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.lp.store import RunStore, init_stored_z
 from hpcaux.train.lp.stored_real import StoredRealInputs
-from hpcaux.train.run.balance import agree_on_partition
 from hpcaux.train.run.layout import Layout
-from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.progress import Progress
 from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
-from hpcaux.train.run.runtime import peak_memory_mb, seed_everything
+from hpcaux.train.run.runtime import peak_memory_mb
 from hpcaux.train.run.schedules import rho_at_epoch
 from hpcaux.train.run.stop_request import NonFiniteLoss, StopPoint, StoppedBySignal, StopRequest, StopVote
 
@@ -53,17 +52,7 @@ def _checked_layout(cfg: Config, comm: Comm) -> Layout:
         raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
     check_stage_count(K, block_count(cfg.model.arch))
     lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
-    if cfg.lp.aux_source == "none" and K > 2 and cfg.lp.delayed_grad not in ("keep", "fused"):
-        raise UserError(f"config key 'lp.aux_source' none with parallel.K={K} needs lp.delayed_grad keep or fused, "
-                        f"got {cfg.lp.delayed_grad} (a middle stage returns its input gradient from the graph it kept)")
-    if cfg.lp.aux_source == "stored" and lay.D > 1:
-        raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
-    if cfg.lp.real_source == "store" and store_mode(cfg.store.mode) != "mpio":
-        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
-                        "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
-    if cfg.lp.loss == "al" and lay.D > 1 and cfg.store.mode == "per_rank":
-        raise UserError("config key 'lp.loss' al with parallel.D > 1 needs store.mode mpio "
-                        "(the replicas of a stage share one multiplier array)")
+    check_layer_parallel_world(cfg, lay.D, store_mode(cfg.store.mode))
     return lay
 
 
@@ -85,61 +74,44 @@ class LayerParallelTrainer:
         if cfg.store.probe_size > held_out:
             raise UserError(f"config key 'store.probe_size' ({cfg.store.probe_size}) exceeds the "
                             f"{held_out} held-out images it is drawn from")
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model.arch, self.data.num_classes).to(device)
         exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
-        chained = cfg.lp.aux_source == "none"  # the pipeline without an AuxNet (exchange.py)
         precision = Precision(cfg.train, device)
-        precision.prepare(model)  # the cut is timed in the run's memory format
-        self.partition = agree_on_partition(
-            cfg.parallel, comm, model, cut_timing_sample(self.data, device, cfg.train.batch_size // cfg.lp.microbatches),
-            s, precision.forward, cfg.lp.boundary_norm, cuts=manifest["cuts"] if manifest else None,
-            in_flight=graphs_in_flight(K, s, chained, cfg.lp.delayed_grad) if exchanges else 0)
-        stages = make_stages(model, self.cuts, boundary_norm=cfg.lp.boundary_norm)
-        self.shapes = boundary_shapes(stages, self.data.image_shape, device)
-        self.stage = stages[s]
-        self.local_head = build_local_head(cfg, self.shapes, s, self.data.num_classes).to(device) \
-            if s < K - 1 and cfg.lp.local_cls_weight > 0 else None
-        self.auxnet = build_auxnet(cfg, self.shapes, self.data.image_shape).to(device) \
-            if cfg.lp.aux_source == "auxnet" else None
-        precision.prepare(self.local_head, self.auxnet)
+        self.parts, stages = build_stage_parts(cfg, comm, lay, self.data, device, precision,
+                                               cuts=manifest["cuts"] if manifest else None)
+        parts = self.parts
         # Process sets, created by every rank in the same order (Horovod and gloo need that).
         stage_group = [comm.new_group(lay.stage_ranks(k)) for k in range(K)][s]
         replica_group = [comm.new_group(lay.replica_ranks(r)) for r in range(lay.D)][lay.replica]
-        stage_params = list(self.stage.parameters()) + (list(self.local_head.parameters()) if self.local_head else [])
-        self.stage_opt = make_optimizer(stage_params, cfg.optim)
-        self.aux_opt = make_optimizer(self.auxnet.parameters(), cfg.optim) if self.auxnet else None
         self.resumed_exchange = None
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
-            comm.agree(lambda: restore_trainer(self, self.resume_from), "restoring the checkpoint")
+            comm.agree(lambda: parts.load(self.resume_from, device), "restoring the checkpoint")
             if exchanges:
-                self.resumed_exchange = comm.agree(lambda: restore_exchange(self, self.resume_from, manifest),
+                self.resumed_exchange = comm.agree(lambda: restore_exchange(lay, self.resume_from, manifest, device),
                                                    "restoring the neighbour exchange")
         if create_run is not None:
             comm.agree(lambda: create_run() if comm.rank == 0 else None, "creating the run directory")
         self.store = comm.agree(lambda: open_store_for_run(run_dir, comm, cfg.store.mode, resume=resume),
                                 "the HDF5 store")
-        self.run_store = comm.agree(lambda: RunStore(self.store, cfg, lay, self.shapes, self.data.n_train),
+        self.run_store = comm.agree(lambda: RunStore(self.store, cfg, lay, parts.shapes, self.data.n_train),
                                     "the HDF5 store layout")
         self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
         # With lp.microbatches M the exchange steps once per micro-batch, M times a step.
         M = cfg.lp.microbatches
-        exchange = NeighbourExchange(comm, lay, self.shapes, cfg.train.batch_size // M, self.steps * M, device,
-                                     cfg.lp.delayed_grad, (self.stage, self.local_head),
-                                     chained=chained, relay=cfg.lp.relay) \
+        exchange = NeighbourExchange(comm, lay, parts.shapes, cfg.train.batch_size // M, self.steps * M, device,
+                                          cfg.lp.delayed_grad, (parts.stage, parts.local_head),
+                                          chained=cfg.lp.aux_source == "none", relay=cfg.lp.relay) \
             if exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
             if cfg.lp.real_source == "store" else None
-        self.exchange = exchange   # the step's from epoch lp.exchange_warmup on
-        self.step = LayerParallelStep(cfg, lay, comm, device, stage=self.stage, local_head=self.local_head,
-                                      auxnet=self.auxnet, stage_opt=self.stage_opt, aux_opt=self.aux_opt,
-                                      store=self.store, shapes=self.shapes, stage_group=stage_group,
+        self.step = LayerParallelStep(cfg, lay, comm, device, stage=parts.stage, local_head=parts.local_head,
+                                      auxnet=parts.auxnet, stage_opt=parts.stage_opt, aux_opt=parts.aux_opt,
+                                      store=self.store, shapes=parts.shapes, stage_group=stage_group,
                                       replica_group=replica_group, stop_vote=self.stop_vote, precision=precision,
                                       exchange=exchange, stored_real=stored_real)
         if cfg.lp.aux_source == "stored" and not resume:
             wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
             init_stored_z(self.store, stages, wanted, self.data, cfg.train.eval_batch_size, device, comm.barrier)
-        self.chain = StageChain(comm, lay, self.stage, self.shapes, device, precision)
+        self.chain = StageChain(comm, lay, parts.stage, parts.shapes, device, precision)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
         self.start_epoch = manifest["epoch"] if manifest else 0
         # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made
@@ -156,10 +128,6 @@ class LayerParallelTrainer:
         if epoch == self.start_epoch and self.start_step_in_epoch:
             return itertools.islice(batches, self.start_step_in_epoch, None)
         return batches
-
-    @property
-    def cuts(self) -> list[int]:
-        return self.partition.cuts
 
     # --- the run -----------------------------------------------------------------------
     def run(self, max_epochs: int | None = None) -> dict:
@@ -189,43 +157,12 @@ class LayerParallelTrainer:
             if self.comm.rank == 0 else None
         progress = Progress(steps * (last_epoch - self.start_epoch), cfg.train.progress, self.comm.rank)
         progress.note(lay.describe_placement(self.hosts))
-        progress.note(self.partition.describe())
+        progress.note(self.parts.partition.describe())
         if self.resume_from is not None:
             within = f", step {self.start_step_in_epoch} of epoch {self.start_epoch + 1}" if self.start_step_in_epoch else ""
             progress.note(f"resumed from {self.resume_from} after epoch {self.start_epoch}{within}")
-        started, samples = time.perf_counter(), steps * cfg.train.batch_size * lay.D
-        lp_totals = []
-        # Every epoch has `steps` steps, so the global step (which the schedules follow) is
-        # derived from the epoch, also when a resume changes D.
-        rho = 0.0
-        loop = EpochLoop([self.stage_opt] + ([self.aux_opt] if self.aux_opt else []),
-                         self.lr_schedule(), lambda x, y, idx: self.step(x, y, idx, rho),
-                         progress, self.comm.watchdog.context,
-                         describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
-                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps),
-                         vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
-        # Without an AuxNet a later stage's input is its predecessor's output: it reads labels
-        # only, which saves the images' augmentation.
-        images = not (cfg.lp.aux_source == "none" and not lay.is_first)
-        for epoch in range(self.start_epoch, min(epochs, last_epoch)):
-            rho = rho_at_epoch(cfg.lp, epoch)
-            self.step.epoch_stats = self.step.fresh_stats()
-            loop.step = epoch * steps + (self.start_step_in_epoch if epoch == self.start_epoch else 0)
-            if self.step.stored_real:
-                self.step.stored_real.start_epoch(epoch)
-            self.step.exchange = self.exchange if epoch >= cfg.lp.exchange_warmup else None
-            if self.step.exchange:
-                self.step.exchange.start_epoch((loop.step - epoch * steps) * cfg.lp.microbatches,
-                                               self.resumed_exchange if epoch == self.start_epoch else None)
-            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment and cfg.lp.aux_source != "stored", images),
-                                    loop.step - epoch * steps)
-            if self.step.exchange:
-                self.step.exchange.drain()
-            lp_totals.append(totals)
-            record = layer_parallel_record(epoch, rho, totals, self.step, self.comm, cfg, lay,
-                                           self.metrics(cfg.data.eval_subset), samples)
-            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
-            loop.stop.after_epoch(epoch + 1, last_epoch)
+        started = time.perf_counter()
+        lp_totals = self._layer_parallel(progress, log, last_epoch)
         ft_totals = self._finetune(progress, log, last_epoch) if last_epoch > epochs else []
         progress.close()
         if last_epoch < epochs + ft_epochs:
@@ -241,6 +178,43 @@ class LayerParallelTrainer:
         if self.comm.rank == 0:
             write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _layer_parallel(self, progress, log, last_epoch: int) -> list:
+        """The layer-parallel epochs (up to train.epochs, or the invocation's last)."""
+        cfg, lay, steps = self.cfg, self.layout, self.steps
+        samples = steps * cfg.train.batch_size * lay.D
+        # Every epoch has `steps` steps, so the global step (which the schedules follow) is
+        # derived from the epoch, also when a resume changes D.
+        rho = 0.0
+        loop = EpochLoop([self.parts.stage_opt] + ([self.parts.aux_opt] if self.parts.aux_opt else []),
+                         self.lr_schedule(), lambda x, y, idx: self.step(x, y, idx, rho),
+                         progress, self.comm.watchdog.context,
+                         describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
+                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps),
+                         vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
+        # Without an AuxNet a later stage's input is its predecessor's output: it reads labels
+        # only, which saves the images' augmentation.
+        images = not (cfg.lp.aux_source == "none" and not lay.is_first)
+
+        def start(epoch: int, within: int):
+            nonlocal rho
+            rho = rho_at_epoch(cfg.lp, epoch)
+            self.step.epoch_stats = self.step.fresh_stats()
+            if self.step.stored_real:
+                self.step.stored_real.start_epoch(epoch)
+            if self.step.exchange:
+                self.step.exchange.start_epoch(within * cfg.lp.microbatches,
+                                               self.resumed_exchange if epoch == self.start_epoch else None)
+
+        def end(epoch: int, totals) -> dict:
+            if self.step.exchange:
+                self.step.exchange.drain()
+            return layer_parallel_record(epoch, rho, totals, self.step, self.comm, cfg, lay,
+                                         self.metrics(cfg.data.eval_subset), samples)
+
+        return self._run_phase(loop, range(self.start_epoch, min(cfg.train.epochs, last_epoch)), start, end, log,
+                               progress, last_epoch, augment=cfg.data.augment and cfg.lp.aux_source != "stored",
+                               images=images)
 
     def lr_schedule(self) -> LrSchedule:
         """The learning rate by step: one schedule over both phases (the fine-tune goes on
@@ -259,20 +233,34 @@ class LayerParallelTrainer:
                          stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune",
                                                                step_in_epoch=s), steps),
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
+
+        def record(epoch: int, totals) -> dict:
+            return finetune_record(epoch, totals, self.comm, self.layout, self.metrics(cfg.data.eval_subset),
+                                   steps * cfg.train.batch_size * self.layout.D)
+
+        return self._run_phase(loop, range(first, last_epoch), None, record, log, progress, last_epoch,
+                               augment=cfg.data.augment)
+
+    def _run_phase(self, loop: EpochLoop, epochs: range, start, end, log, progress, last_epoch: int, *,
+                   augment: bool, images: bool = True) -> list:
+        """The epochs of one phase (layer-parallel or fine-tune) on `loop`: `start(epoch,
+        step_in_epoch)` before each (a resumed epoch starts at the step it stopped after),
+        `end(epoch, totals)` after it returns the epoch's record, which is logged and
+        recorded; a checkpoint or a stop follows where one is due. Returns the epochs' totals."""
         all_totals = []
-        for epoch in range(first, last_epoch):
+        for epoch in epochs:
             within = self.start_step_in_epoch if epoch == self.start_epoch else 0
-            loop.step = epoch * steps + within
-            totals = loop.run_epoch(epoch, self.batches(epoch, cfg.data.augment), within)
+            loop.step = epoch * self.steps + within
+            if start:
+                start(epoch, within)
+            totals = loop.run_epoch(epoch, self.batches(epoch, augment, images), within)
             all_totals.append(totals)
-            record = finetune_record(epoch, totals, self.comm, self.layout, self.metrics(cfg.data.eval_subset),
-                                     steps * cfg.train.batch_size * self.layout.D)
-            self._end_of_epoch(epoch + 1, record, log, progress, last_epoch)
+            self._end_of_epoch(epoch + 1, end(epoch, totals), log, progress, last_epoch)
             loop.stop.after_epoch(epoch + 1, last_epoch)
         return all_totals
 
     def finetune_step(self) -> FinetuneStep:
-        return FinetuneStep(FinetuneParts(self.chain, self.stage_opt, self.step.criterion,
+        return FinetuneStep(FinetuneParts(self.chain, self.parts.stage_opt, self.step.criterion,
                                           self.cfg.parallel.microbatches, self.comm, self.step.stage_group,
                                           self.stop_vote))
 
@@ -303,6 +291,6 @@ class LayerParallelTrainer:
 
     def save(self, tag: str, epoch: int, phase: str, step_in_epoch: int = 0, exchange=None):
         self.store.flush(self.comm.barrier)
-        save_trainer(self, tag, epoch, phase, step_in_epoch, exchange)
+        save_run(self.run_dir, self.comm, self.cfg, self.parts, tag, epoch, phase, step_in_epoch, exchange)
         if self.comm.rank == 0:
             discard_set_aside(self.run_dir)

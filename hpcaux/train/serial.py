@@ -70,9 +70,7 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
     progress.close()
     test_acc = evaluate_model(model, data, "test", cfg.train.eval_batch_size, device, subset=cfg.data.test_subset,
                               seed=cfg.seed)
-    save_checkpoint(run_dir, "final", {"model.pt": model.state_dict()},
-                    {"method": "serial", "model": cfg.model.arch, "K": 1, "D": 1, "cuts": [],
-                     "epoch": cfg.train.epochs, "config": cfg.to_dict(), "files": ["model.pt"]})
+    _save_final(run_dir, cfg, model)
     summary = {"method": "serial", "model": cfg.model.arch, "dataset": cfg.data.dataset, "K": 1, "D": 1,
                "epochs": cfg.train.epochs, "train_samples": data.n_train, **heldout_summary(data, cfg.data),
                "test_acc": test_acc, "wall_s": time.perf_counter() - started,
@@ -82,3 +80,10 @@ def train_serial(cfg: Config, run_dir: Path, device: torch.device, create_run) -
     write_json(run_dir / "summary.json", summary)
     discard_set_aside(run_dir)
     return summary
+
+
+def _save_final(run_dir: Path, cfg: Config, model: torch.nn.Module):
+    """The final checkpoint, which `hpcaux eval` reads (a serial run has no other)."""
+    save_checkpoint(run_dir, "final", {"model.pt": model.state_dict()},
+                    {"method": "serial", "model": cfg.model.arch, "K": 1, "D": 1, "cuts": [],
+                     "epoch": cfg.train.epochs, "config": cfg.to_dict(), "files": ["model.pt"]})

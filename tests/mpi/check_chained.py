@@ -42,11 +42,11 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     if s == STEPS:
         break
     record["batches"].append((x, y))
-    record["snapshots"].append(copy.deepcopy(trainer.stage))  # the weights before step s
+    record["snapshots"].append(copy.deepcopy(trainer.parts.stage))  # the weights before step s
     trainer.step.compute_gradients(x, y, idx, 1.0)
-    grads = [p.grad for p in trainer.stage.parameters()]
+    grads = [p.grad for p in trainer.parts.stage.parameters()]
     record["grads"][s] = None if any(g is None for g in grads) else [g.clone() for g in grads]
-    trainer.stage_opt.step()
+    trainer.parts.stage_opt.step()
 
 state = exchange.settle(trainer.step.real_input_gradient)  # a stop after step STEPS-1
 due = [item["due"] for item in state["kept"]]

@@ -22,7 +22,7 @@ for i, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     if i == 5:
         break
 across_ranks = trainer.metrics(subset=400, split="test")["composed_acc"]
-trainer.stage.eval()
+trainer.parts.stage.eval()
 with torch.no_grad():
     logits = [trainer.chain.forward(x)[1] for x, _ in trainer.metrics.eval_batches("test", 400)]
 if trainer.layout.is_last:

@@ -34,7 +34,7 @@ inputs = ["lp.real_inputs=only", "lp.aux_source=none"] if mode == "auxless" else
 cfg = tiny_config(data_root, backend, 2, 1, *inputs, f"lp.delayed_grad={delayed_mode}", "train.batch_size=32",
                   "data.train_subset=512")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
-step, exchange, stage = trainer.step, trainer.step.exchange, trainer.stage
+step, exchange, stage = trainer.step, trainer.step.exchange, trainer.parts.stage
 rho, first, STEPS = 1.0, 0, 5
 record = record_exchange(exchange)  # what crosses ranks, by the step it happens at
 
@@ -72,8 +72,8 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     batches.append((x, y))
     if trainer.layout.is_first:  # copies of stage 1 and its local head before the step
         with torch.no_grad():
-            target = trainer.auxnet(x, [0])[0] if trainer.auxnet else None
-        snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), target)
+            target = trainer.parts.auxnet(x, [0])[0] if trainer.parts.auxnet else None
+        snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.parts.local_head), target)
     outputs = step.compute_gradients(x, y, idx, rho)
     if trainer.layout.is_first and s < 2 and delayed_mode == "fused":
         assert all(p.grad is None for p in stage.parameters()), f"step {s}: fused mode has nothing due yet"
@@ -84,9 +84,9 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
         for p, want in zip(stage.parameters(), expected):
             assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-6), \
                 f"step {s}: stage 1 gradient differs by {(p.grad - want).abs().max().item():.3e}"
-    trainer.stage_opt.step()
-    if trainer.aux_opt:
-        trainer.aux_opt.step()
+    trainer.parts.stage_opt.step()
+    if trainer.parts.aux_opt:
+        trainer.parts.aux_opt.step()
 buffers = [b.clone() for b in stage.buffers()]
 state = exchange.settle(step.real_input_gradient)  # a stop after step STEPS-1, inside the epoch
 assert all(torch.equal(b, saved) for b, saved in zip(stage.buffers(), buffers)), "settling moved BatchNorm statistics"
@@ -103,7 +103,7 @@ else:
 # saved again beside what step STEPS kept, without a hang.
 exchange.start_epoch(STEPS, state)
 step.compute_gradients(*after_stop, rho)
-trainer.stage_opt.step()
+trainer.parts.stage_opt.step()
 again = exchange.settle(step.real_input_gradient)
 if not trainer.layout.is_last:
     pending = again["kept"] if mode == "auxless" else again["delayed"]

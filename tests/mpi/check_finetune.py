@@ -23,13 +23,13 @@ M = int(sys.argv[6])
 comm = make_comm(backend)
 cfg = tiny_config(data_root, backend, K, D, "optim.label_smoothing=0.1", f"parallel.microbatches={M}")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
-twin = JointObjective(cfg, trainer.cuts, trainer.shapes, trainer.data.num_classes, trainer.data.image_shape)
+twin = JointObjective(cfg, trainer.parts.cuts, trainer.parts.shapes, trainer.data.num_classes, trainer.data.image_shape)
 composed = torch.nn.Sequential(*twin.stages)
 batches = replica_batches(trainer, D)
 x, y, _ = batches[trainer.layout.replica]
 stepped = []   # the gradients the optimiser steps with
-trainer.stage_opt.register_step_pre_hook(
-    lambda *_: stepped.extend(SimpleNamespace(grad=p.grad.clone()) for p in trainer.stage.parameters()))
+trainer.parts.stage_opt.register_step_pre_hook(
+    lambda *_: stepped.extend(SimpleNamespace(grad=p.grad.clone()) for p in trainer.parts.stage.parameters()))
 loss = trainer.finetune_step()(x, y, None)["loss"]
 
 

@@ -35,8 +35,8 @@ for mode in modes:
     cfg = tiny_config(data_root, backend, K, D, *OVERRIDES[mode])
     trainer = LayerParallelTrainer(cfg, run_root / mode, comm, torch.device("cpu"))
     s, step = trainer.layout.stage, trainer.step
-    twin = JointObjective(cfg, trainer.cuts, trainer.shapes, trainer.data.num_classes, trainer.data.image_shape)
-    lams = random_multipliers(trainer.data.n_train, trainer.shapes) if mode == "al" else None
+    twin = JointObjective(cfg, trainer.parts.cuts, trainer.parts.shapes, trainer.data.num_classes, trainer.data.image_shape)
+    lams = random_multipliers(trainer.data.n_train, trainer.parts.shapes) if mode == "al" else None
     if lams and s < K - 1:
         trainer.store.fill_rows(lambda_name(s), 0, lams[s])
     trainer.store.flush(comm.barrier)
@@ -56,12 +56,12 @@ for mode in modes:
         twin.replica_mean_loss(batches, rho, multipliers_of).backward()
     assert_close(comm.rank, "stage", step.stage_params, twin.parameters_of_stage(s))
     if twin.auxnet is not None:
-        assert_close(comm.rank, "AuxNet", list(trainer.auxnet.parameters()), list(twin.auxnet.parameters()))
+        assert_close(comm.rank, "AuxNet", list(trainer.parts.auxnet.parameters()), list(twin.auxnet.parameters()))
 
     if mode == "stored":  # z -= z_lr * (B * numel / rho * dL_0/dz + B * dL_1/dz), docs/algorithm.md
         trainer.store.flush(comm.barrier)
         B = len(idx)
-        expected = z_before - cfg.lp.z_lr * (B * math.prod(trainer.shapes[0]) / rho * as_target + B * as_input)
+        expected = z_before - cfg.lp.z_lr * (B * math.prod(trainer.parts.shapes[0]) / rho * as_target + B * as_input)
         after = trainer.store.read_rows(z_name(0), idx)
         assert torch.allclose(after, expected, atol=1e-5), \
             f"rank {comm.rank}: z step differs by {(after - expected).abs().max().item():.3e}"

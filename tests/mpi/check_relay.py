@@ -31,7 +31,7 @@ comm = make_comm(backend)
 cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", f"lp.delayed_grad={mode}", "lp.relay=true",
                   "train.batch_size=32", "data.train_subset=512")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
-step, exchange, stage, k = trainer.step, trainer.step.exchange, trainer.stage, trainer.layout.stage
+step, exchange, stage, k = trainer.step, trainer.step.exchange, trainer.parts.stage, trainer.layout.stage
 rho, STEPS = 1.0, 6
 record = record_exchange(exchange)
 
@@ -76,16 +76,16 @@ for s, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
         break
     batches.append((x, y))
     if k == 1:  # copies of stage 1, its local head and the AuxNet before the step
-        snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.local_head), copy.deepcopy(trainer.auxnet))
+        snapshots[s] = (copy.deepcopy(stage), copy.deepcopy(trainer.parts.local_head), copy.deepcopy(trainer.parts.auxnet))
         with torch.no_grad():
-            targets[s] = copy.deepcopy(trainer.auxnet)(x, [1])[1]
+            targets[s] = copy.deepcopy(trainer.parts.auxnet)(x, [1])[1]
     step.compute_gradients(x, y, idx, rho)
     if k == 1 and s >= 3:
         for p, want in zip(stage.parameters(), expected_middle_gradient(s)):
             assert torch.allclose(p.grad, want, rtol=1e-4, atol=1e-6), \
                 f"step {s}: stage 1 gradient differs by {(p.grad - want).abs().max().item():.3e}"
-    trainer.stage_opt.step()
-    trainer.aux_opt.step()
+    trainer.parts.stage_opt.step()
+    trainer.parts.aux_opt.step()
 
 if k == 1:  # the returned gradient: the real-input term's, with the target of its batch
     for s in range(1, STEPS):
@@ -105,7 +105,7 @@ else:
     assert state["real"]["returned"] and not state["delayed"], state
 exchange.start_epoch(STEPS, state)
 step.compute_gradients(*after_stop, rho)
-trainer.stage_opt.step()
+trainer.parts.stage_opt.step()
 again = exchange.settle(step.real_input_gradient)
 if k < 2:
     assert [d["due"] for d in again["delayed"]] == [STEPS + 1, STEPS + 2], again

@@ -19,9 +19,9 @@ for i, (x, y, idx) in enumerate(trainer.batches(0, augment=True)):
     trainer.step(x, y, idx, rho=1.0)
     if i == 2:
         break
-stage = parameters_to_vector(trainer.stage.parameters()).detach()
-aux = torch.cat([parameters_to_vector(trainer.auxnet.parameters()).detach(),
-                 *[b.flatten() for b in trainer.auxnet.buffers() if b.is_floating_point()]])
+stage = parameters_to_vector(trainer.parts.stage.parameters()).detach()
+aux = torch.cat([parameters_to_vector(trainer.parts.auxnet.parameters()).detach(),
+                 *[b.flatten() for b in trainer.parts.auxnet.buffers() if b.is_floating_point()]])
 stage_mean, aux_mean = stage.clone(), aux.clone()
 comm.allreduce([stage_mean], op="mean", group=trainer.step.stage_group)
 comm.allreduce([aux_mean], op="mean")

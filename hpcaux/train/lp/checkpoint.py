@@ -1,4 +1,5 @@
-"""Saving and restoring a layer-parallel trainer (docs/design.md §5).
+"""Saving and restoring a layer-parallel run (docs/design.md §5); a rank's files are its
+StageParts' (parts.py) and, at a stop inside an epoch, its exchange's.
 
 RUN/ckpt/<tag>/stage_k.pt holds stage k's weights, its local classifier and optimiser
 state (written by stage k of replica 0: the replicas are identical); auxnet.pt holds the
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from hpcaux.errors import UserError
 from hpcaux.store.checkpoint import latest_checkpoint, load_file, save_checkpoint
+from hpcaux.train.lp.parts import StageParts
+from hpcaux.train.run.layout import Layout
 
 # Fault injection for the tests: HPCAUX_FAULT_KILL_IN_SAVE=RANK:TAG makes that rank die
 # (SIGKILL) after writing its files of checkpoint TAG, before the checkpoint is committed.
@@ -49,62 +52,31 @@ def exchange_file(stage: int, replica: int) -> str:
     return f"exchange_{stage}_{replica}.pt"
 
 
-def save_trainer(trainer, tag: str, epoch: int, phase: str, step_in_epoch: int = 0, exchange: dict | None = None):
+def save_run(run_dir: Path, comm, cfg, parts: StageParts, tag: str, epoch: int, phase: str, step_in_epoch: int = 0,
+             exchange: dict | None = None):
     """Checkpoint after `epoch` whole epochs and `step_in_epoch` steps of the next one;
     `exchange`: the neighbour exchange's state, settled at a stop inside the epoch."""
-    lay, files = trainer.layout, {}
+    lay, files = parts.layout, parts.state()
     if exchange is not None:
         files[exchange_file(lay.stage, lay.replica)] = exchange
-    if lay.replica == 0:
-        files[f"stage_{lay.stage}.pt"] = {
-            "stage": trainer.stage.state_dict(),
-            "local_head": trainer.local_head.state_dict() if trainer.local_head else None,
-            "stage_opt": trainer.stage_opt.state_dict()}
-        if lay.stage == 0 and trainer.auxnet is not None:
-            files["auxnet.pt"] = {"auxnet": trainer.auxnet.state_dict(), "aux_opt": trainer.aux_opt.state_dict()}
-    manifest = {"method": "layer_parallel", "model": trainer.cfg.model.arch, "dataset": trainer.cfg.data.dataset,
-                "K": lay.K, "D": lay.D, "cuts": trainer.cuts, "boundary_shapes": [list(s) for s in trainer.shapes],
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "phase": phase, "config": trainer.cfg.to_dict(),
-                "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if trainer.auxnet else []) +
+    manifest = {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
+                "K": lay.K, "D": lay.D, "cuts": parts.cuts, "boundary_shapes": [list(s) for s in parts.shapes],
+                "epoch": epoch, "step_in_epoch": step_in_epoch, "phase": phase, "config": cfg.to_dict(),
+                "files": [f"stage_{k}.pt" for k in range(lay.K)] + (["auxnet.pt"] if parts.auxnet else []) +
                          ([exchange_file(k, r) for k in range(lay.K) for r in range(lay.D)] if exchange else [])}
 
     def before_commit():
-        if os.environ.get(KILL_IN_SAVE) == f"{trainer.comm.rank}:{tag}":
+        if os.environ.get(KILL_IN_SAVE) == f"{comm.rank}:{tag}":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    save_checkpoint(trainer.run_dir, tag, files, manifest, trainer.comm.rank, trainer.comm.barrier, before_commit)
+    save_checkpoint(run_dir, tag, files, manifest, comm.rank, comm.barrier, before_commit)
 
 
-def restore_trainer(trainer, folder: Path):
-    """Load this rank's stage (and the AuxNet) from a checkpoint folder.
-
-    Runs before the HDF5 store is opened, so a bad checkpoint leaves every file as it was.
-    """
-    lay, device = trainer.layout, trainer.device
-    state = load_file(folder / f"stage_{lay.stage}.pt", device)
-    try:
-        trainer.stage.load_state_dict(state["stage"])
-        if trainer.local_head is not None:
-            trainer.local_head.load_state_dict(state["local_head"])
-        trainer.stage_opt.load_state_dict(state["stage_opt"])
-        if trainer.auxnet is not None:
-            aux = load_file(folder / "auxnet.pt", device)
-            trainer.auxnet.load_state_dict(aux["auxnet"])
-            trainer.aux_opt.load_state_dict(aux["aux_opt"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise _misfit(folder, err) from None
-
-
-def restore_exchange(trainer, folder: Path, manifest: dict) -> dict | None:
+def restore_exchange(layout: Layout, folder: Path, manifest: dict, device) -> dict | None:
     """This rank's neighbour-exchange state from a stop inside an epoch; None where there is
     none, or where D changed (the resumed epoch's batches are split differently, so the
     exchange starts afresh there)."""
-    name = exchange_file(trainer.layout.stage, trainer.layout.replica)
-    if name not in manifest["files"] or manifest.get("D") != trainer.layout.D:
+    name = exchange_file(layout.stage, layout.replica)
+    if name not in manifest["files"] or manifest.get("D") != layout.D:
         return None
-    return load_file(folder / name, trainer.device)
-
-
-def _misfit(folder: Path, err: Exception) -> UserError:
-    return UserError(f"checkpoint {folder} does not fit this run's model ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0][:120]})")
+    return load_file(folder / name, device)

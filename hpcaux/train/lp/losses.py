@@ -25,6 +25,14 @@ class StageTerm:
     residual: torch.Tensor | None    # F_k(input) - target, detached (None on the last stage)
     parts: dict                      # for logging, detached 0-d tensors: penalty, multiplier, local_ce, ce
 
+    @staticmethod
+    def combined(terms: list["StageTerm"], total: torch.Tensor) -> "StageTerm":
+        """One step's terms (its own, its real input's) as one: `total` their summed loss,
+        the first one's residual, every part."""
+        if len(terms) == 1:
+            return terms[0]
+        return StageTerm(total, terms[0].residual if terms else None, {k: v for t in terms for k, v in t.parts.items()})
+
 
 def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=None,
                local_head=None, local_weight: float = 0.0, criterion=F.cross_entropy) -> StageTerm:

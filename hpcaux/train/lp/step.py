@@ -6,14 +6,12 @@
      with lp.real_inputs, stage k-1's real output of the batch, from the neighbour
      exchange or (lp.real_source: store) from last epoch's rows in the store;
   2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
-     input/target gradients back-propagated into the AuxNet (a separate backward, so its
-     cost is measured on its own); without an AuxNet, once per micro-batch
-     (lp.microbatches), the gradients averaged over them;
+     input/target gradients back-propagated into the AuxNet (a separate backward, timed on
+     its own); once per micro-batch (lp.microbatches), the gradients averaged over them;
   3. synchronise: ONE world allreduce of the AuxNet gradients (summed over stages,
      averaged over replicas), the AuxNet BatchNorm buffers (averaged) and the stop vote,
-     or, in stored mode, the z gradients of the batch over the replica, or (aux_source:
-     none) the stop vote alone; plus, when D > 1,
-     the stage-gradient average over the stage's process set;
+     or the stored z gradients of the batch over the replica, or (aux_source none) the
+     stop vote alone; when D > 1, the stage gradients' average over its process set;
   4. apply: the optimiser steps, the AL multiplier update, the stored-z step.
 """
 from __future__ import annotations
@@ -21,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -32,41 +29,13 @@ from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relati
 from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
+from hpcaux.train.lp.step_outputs import StepOutputs
 from hpcaux.train.lp.stored_real import StoredRealInputs
 from hpcaux.train.lp.weight_stash import WeightStash
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
 from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.stop_request import StopVote
-
-
-@dataclass
-class StepOutputs:
-    """What the gradient pass of a step leaves for the apply pass and the logs."""
-    term: StageTerm
-    output: torch.Tensor                 # this rank's stage output, detached
-    target: torch.Tensor | None          # A_k(x) or z_k the output was pulled towards
-    multiplier: torch.Tensor | None      # the batch's AL multipliers before the update
-    inp: torch.Tensor | None = None      # the stage input (stored z: its gradient steps z)
-    times: dict = field(default_factory=dict)
-
-    @staticmethod
-    def merged(parts: list["StepOutputs"]) -> "StepOutputs":
-        """One step's outputs from those of its micro-batches (lp.microbatches: no
-        multiplier or stored input): mean loss and parts, summed times, and the outputs
-        and AuxNet targets of the whole batch where every micro-batch has them."""
-        def mean(values):
-            return sum(values) / len(values)
-
-        def joined(tensors):
-            return torch.cat(tensors) if all(t is not None for t in tensors) else None
-        keys = {k for p in parts for k in p.term.parts}
-        term = StageTerm(mean([p.term.loss for p in parts]), None,
-                         {k: mean([p.term.parts[k] for p in parts if k in p.term.parts]) for k in keys})
-        times = {k: sum(p.times[k] for p in parts) for k in parts[0].times}
-        output, target = joined([p.output for p in parts]), joined([p.target for p in parts])
-        return StepOutputs(term, output, target.detach() if output is not None and target is not None else None,
-                           None, None, times)
 
 
 class LayerParallelStep:
@@ -101,8 +70,7 @@ class LayerParallelStep:
     def inputs(self, x, idx, real=None, with_input: bool = True):
         """(stage input, target, AuxNet outputs to back-propagate into) for a batch;
         `with_input=False` skips the input head (a stage that trains on a real input only).
-        Without an AuxNet a later stage's input is the real one, `real` (None until the
-        pipeline reaches it)."""
+        Without an AuxNet a later stage's input is `real` (None until the pipeline reaches it)."""
         if self.cfg.lp.aux_source == "none":
             return (x if self.in_boundary is None else real.tensor if real is not None else None), None, {}
         if self.auxnet is None:
@@ -146,8 +114,7 @@ class LayerParallelStep:
         return step
 
     def _micro_step(self, x, y, idx, rho: float) -> StepOutputs:
-        """Forward and backward of one batch (or micro-batch), with the exchange's messages;
-        adds to .grad.
+        """Forward and backward of one batch (or micro-batch) with the exchange's messages; adds to .grad.
 
         With the neighbour exchange (lp.real_inputs), stage k also trains on stage k-1's
         real output of the previous step, sends its own output on, back-propagates the
@@ -195,10 +162,7 @@ class LayerParallelStep:
         if exchange:
             exchange.return_gradient(real, delayed)
         t2 = time.perf_counter()
-        if self.auxnet is not None:
-            pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target))
-                     if b is not None and t is not None and t.grad is not None]
-            torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        self._backward_into_auxnet(preds, inp, target)
         t3 = time.perf_counter()
         if exchange:
             exchange.end_step()
@@ -206,11 +170,18 @@ class LayerParallelStep:
             self._store_real_output(idx, out, real, real_out)
         grad_wait = exchange.take_gradient_wait() if exchange else 0.0  # inside the backward, t1..t2
         t_comm = t_wait + grad_wait + time.perf_counter() - t3
-        term = terms[0] if len(terms) == 1 else StageTerm(total, terms[0].residual if terms else None,
-                                                           {k: v for t in terms for k, v in t.parts.items()})
-        return StepOutputs(term, out.detach() if out is not None else None, target, multiplier, inp,
-                           {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
-                            "comm_s": t_comm})
+        return StepOutputs(StageTerm.combined(terms, total), out.detach() if out is not None else None, target,
+                           multiplier, inp, {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
+                                             "comm_s": t_comm})
+
+    def _backward_into_auxnet(self, preds: dict, inp, target):
+        """The gradients the stage left on its input and target, back through the AuxNet
+        heads that predicted them (a backward of its own, so its cost is timed apart)."""
+        if self.auxnet is None:
+            return
+        pairs = [(preds[b], t.grad) for b, t in ((self.in_boundary, inp), (self.out_boundary, target))
+                 if b is not None and t is not None and t.grad is not None]
+        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
 
     def _weight_version(self) -> WeightStash:
         """The copy of this step's weights that kept graphs are built on. Every micro-batch
