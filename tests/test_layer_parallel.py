@@ -137,19 +137,6 @@ def test_stored_mode_runs_end_to_end(tmp_path, cifar_root):
     assert summary["allreduce_values_per_step"] == 32 * 16 * 32 * 32
 
 
-def test_exchange_warmup_trains_the_auxnet_alone_then_starts_the_exchange(tmp_path, cifar_root):
-    """lp.exchange_warmup=1: the first epoch is the AuxNet objective alone, to the bit (the
-    stage losses and accuracy of a run without the exchange); the second trains on real
-    inputs too, so its losses part from that run's."""
-    tiny = ["parallel.cuts=[4]", "data.train_subset=256", "train.epochs=2", "train.batch_size=32",
-            "data.eval_subset=200", "data.test_subset=500"]
-    _, _, alone, _ = _lp_run(tmp_path / "alone", cifar_root, 2, *tiny)
-    _, _, warmed, _ = _lp_run(tmp_path / "warmed", cifar_root, 2, *tiny, "lp.real_inputs=beside",
-                              "lp.delayed_grad=fused", "lp.exchange_warmup=1")
-    assert warmed[0]["stage_loss"] == alone[0]["stage_loss"] and warmed[0]["composed_acc"] == alone[0]["composed_acc"]
-    assert warmed[1]["stage_loss"] != alone[1]["stage_loss"]
-
-
 def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agrees(tmp_path, cifar_root):
     """The shipped K = 2 config is the pipeline without an AuxNet (lp.aux_source=none): no
     AuxNet anywhere (no metrics, no checkpoint file, no allreduce of its gradients); the
@@ -196,7 +183,7 @@ def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tm
     from hpcaux.train.run.evaluate import evaluate_model
 
     _, summary, _, out = _lp_run(tmp_path, cifar_root, 2, "parallel.cuts=[4]", "lp.boundary_norm=false",
-                                 "data.train_subset=256", "train.epochs=1", "train.batch_size=32",
+                                 "data.train_subset=512", "train.epochs=2", "train.batch_size=64",
                                  "data.eval_subset=200", "data.test_subset=500", config="cifar10_resnet20_k2.yaml")
     folder, manifest = latest_checkpoint(out)
     cfg = config_from_dict(manifest["config"])
@@ -208,7 +195,14 @@ def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tm
             _, index, rest = key.split(".", 2)  # blocks.<i>.<parameter>
             serial.state_dict()[f"{start + int(index)}.{rest}"].copy_(value)
     acc = evaluate_model(serial, data, "test", cfg.train.eval_batch_size, torch.device("cpu"), subset=500, seed=cfg.seed)
-    assert acc == pytest.approx(summary["test_acc"], abs=1e-9) and acc > 0.1
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-9)
+    # a network that predicts one class would tie any other: the equality says something
+    # only when the trained weights tell images apart (an accuracy threshold after a few
+    # steps depends on the CPU's kernels)
+    x, _ = next(iter(data.heldout_batches("test", 500, device=torch.device("cpu"), subset=500, seed=cfg.seed)))
+    serial.eval()
+    with torch.no_grad():
+        assert serial(x).argmax(1).unique().numel() >= 3
     evaluated = check(run([HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(acc, abs=1e-9)
 
