@@ -45,3 +45,23 @@ def test_a_retired_variant_without_its_run_is_one_error_before_anything_runs(tmp
     with pytest.raises(UserError, match="bench method lp_old uses a retired setting"):
         run_bench(load_bench(tmp_path / "bench.yaml"), out, quick=False, reuse=True, extra=[])
     assert not (out / "runs").exists()
+
+
+def test_reuse_keeps_the_committed_rows_when_the_run_directories_are_gone(tmp_path):
+    """A fresh clone has results.json but no runs/ (not committed): --reuse keeps its rows,
+    the retired variant's included, and refuses rows run under other overrides."""
+    (tmp_path / "bench.yaml").write_text(BENCH)
+    spec = load_bench(tmp_path / "bench.yaml")
+    out = tmp_path / "out"
+    _finished(out / "runs" / "serial_1thread", 0.7)
+    _finished(out / "runs" / "lp_old", 0.65)
+    run_bench(spec, out, quick=False, reuse=True, extra=["seed=1"])
+    for name in ("serial_1thread", "lp_old"):
+        for f in (out / "runs" / name).iterdir():
+            f.unlink()
+    results = run_bench(spec, out, quick=False, reuse=True, extra=["seed=1"])
+    assert {n: (r["reused"], r["test_acc"]) for n, r in results["methods"].items()} == \
+        {"serial_1thread": (True, 0.7), "lp_old": (True, 0.65)}
+    with pytest.raises(UserError, match="was run with overrides .*seed=1.*--reuse would mix them"):
+        run_bench(spec, out, quick=False, reuse=True, extra=["seed=2"])
+    assert json.loads((out / "results.json").read_text())["overrides"][-1] == "seed=1"  # left as it was

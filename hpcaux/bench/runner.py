@@ -34,9 +34,10 @@ def check_bench_dir(out: Path, reuse: bool, overwrite: bool):
 def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[str]) -> dict:
     shared = spec.overrides + (spec.quick if quick else []) + extra
     cfg = load_config(spec.base, shared)  # a bad override fails here, before any run
+    kept = _committed_records(out, shared) if reuse else {}
     for name in spec.methods:
         if spec.method(name).retired:  # its setting no longer loads: only its finished run counts
-            if not (reuse and (out / "runs" / name / "summary.json").exists()):
+            if not (reuse and ((out / "runs" / name / "summary.json").exists() or name in kept)):
                 raise UserError(f"bench method {name} uses a retired setting: it can only be reused from its "
                                 f"finished run in {out / 'runs' / name} (--reuse), or dropped from the bench file")
             continue
@@ -46,7 +47,11 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     records = {}
     for name in spec.methods:
-        records[name] = _run_method(spec, out, name, shared, cfg, reuse)
+        if name in kept and not (out / "runs" / name / "summary.json").exists():
+            print(f"bench: {name}: reusing its row of {out / 'results.json'} (its run directory is gone)", flush=True)
+            records[name] = {**kept[name], "reused": True}
+        else:
+            records[name] = _run_method(spec, out, name, shared, cfg, reuse)
     results = {"machine": machine(), "date": started, "K": spec.K, "quick": quick, "base": str(spec.base),
                "overrides": shared, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
                "train_subset": cfg.data.train_subset, "reference": spec.reference,
@@ -54,6 +59,25 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
                "methods": records}
     write_json(out / "results.json", results)
     return results
+
+
+def _committed_records(out: Path, shared: list[str]) -> dict:
+    """The finished rows of an earlier invocation's results.json. Run directories are not
+    committed (docs/benchmarks.md), so in a fresh clone `--reuse` keeps these rows rather
+    than running every method again to add one; rows run under other overrides are refused."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        methods, overrides = earlier["methods"], earlier["overrides"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is not a bench results file ({type(err).__name__}); move it away or use --overwrite") \
+            from None
+    if overrides != shared:
+        raise UserError(f"{path} was run with overrides {' '.join(overrides)}, not {' '.join(shared)}: "
+                        f"--reuse would mix them; use another --out or --overwrite")
+    return {name: rec for name, rec in methods.items() if "error" not in rec}
 
 
 def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool) -> dict:
