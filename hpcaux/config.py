@@ -99,7 +99,7 @@ class AuxNetConfig:
 @dataclass
 class LayerParallelConfig:
     """The joint objective of docs/design.md §1."""
-    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al"), "help": "penalty: rho/2 x the mean squared gap to the AuxNet's targets; al: the augmented Lagrangian, with per-sample multipliers in RUN/aux.h5 (docs/algorithm.md)"})
+    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al", "al_real"), "help": "penalty: rho/2 x the mean squared gap to the AuxNet's targets; al: the augmented Lagrangian, with per-sample multipliers in RUN/aux.h5 (docs/algorithm.md); al_real (lp.relay): the penalty on the AuxNet's input, the augmented Lagrangian on the relayed real input's gap to the AuxNet's target"})
     rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
     rho_growth: float = field(default=1.2, metadata={"min_exclusive": 0.0, "help": "rho *= rho_growth after every epoch, capped at rho_max; below 1 the pull towards the AuxNet's targets decays as the real inputs take over (docs/accuracy.md)"})
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})

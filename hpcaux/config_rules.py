@@ -39,7 +39,7 @@ def _check_layer_parallel_keys(cfg: Config):
     if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
         raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
                         f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
-    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss == "al"):
+    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss != "penalty"):
         raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
                         "or none and lp.loss penalty (stored z and per-sample multipliers are stepped per batch)")
     if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
@@ -47,6 +47,10 @@ def _check_layer_parallel_keys(cfg: Config):
         raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
                         "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
                         "its output on the real input and keeps that graph for the returned gradient)")
+    if cfg.lp.loss == "al_real" and not (cfg.lp.relay and cfg.parallel.K >= 3):
+        raise UserError(f"config key 'lp.loss' is al_real, which needs lp.relay true and parallel.K >= 3, got relay "
+                        f"{str(cfg.lp.relay).lower()} and K={cfg.parallel.K} (its multipliers are a middle stage's, on "
+                        f"the relayed real input's gap to the AuxNet's target)")
     if cfg.train.batch_size % cfg.lp.microbatches:
         raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
                         f"'lp.microbatches' ({cfg.lp.microbatches})")
@@ -95,6 +99,6 @@ def check_layer_parallel_world(cfg: Config, D: int, store_mode: str):
     if cfg.lp.real_source == "store" and store_mode != "mpio":
         raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
                         "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
-    if cfg.lp.loss == "al" and D > 1 and cfg.store.mode == "per_rank":
-        raise UserError("config key 'lp.loss' al with parallel.D > 1 needs store.mode mpio "
+    if cfg.lp.loss != "penalty" and D > 1 and cfg.store.mode == "per_rank":
+        raise UserError(f"config key 'lp.loss' {cfg.lp.loss} with parallel.D > 1 needs store.mode mpio "
                         "(the replicas of a stage share one multiplier array)")

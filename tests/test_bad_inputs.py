@@ -97,6 +97,10 @@ CATALOGUE = {
                                        "lp.relay=true"],
                                    "config key 'lp.relay' is true, which needs lp.real_inputs beside or only, "
                                    "lp.delayed_grad keep or fused"),
+    "real-input multipliers without a middle stage": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al_real",
+                                                          "lp.real_inputs=beside", "lp.delayed_grad=fused", "lp.relay=true"],
+                                                      "config key 'lp.loss' is al_real, which needs lp.relay true and "
+                                                      "parallel.K >= 3, got relay true and K=2"),
     "micro-batches with per-sample multipliers": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al",
                                                       "lp.microbatches=2"],
                                                   "config key 'lp.microbatches' is 2, which needs lp.aux_source auxnet "

@@ -60,6 +60,14 @@ def test_relay_passes_real_inputs_along_the_chain_with_every_gradient_two_steps_
     assert f"relay ({mode}): real inputs along the chain, every gradient two steps late" in out
 
 
+def test_real_input_multipliers_are_the_relayed_residual_and_used_the_next_epoch(cifar_root, tmp_path):
+    """lp.loss al_real at K = 3: stage 1's lambda_real rows after an epoch are rho x its
+    real-input output's gap to the AuxNet target of that batch, the next epoch's real term
+    carries them, and a stop settles (tests/mpi/check_real_multipliers.py)."""
+    out = _check_script(3, "check_real_multipliers.py", installed_backends()[0], cifar_root, tmp_path)
+    assert "al_real: the real-input term's multipliers are rho x its residual" in out
+
+
 def test_real_inputs_from_the_store_are_the_previous_epochs_outputs(cifar_root, tmp_path):
     """lp.real_source store: stage 2 trains on what stage 1 wrote to aux.h5 for the same
     samples one epoch earlier (nothing in the first), in buffers that alternate by epoch."""

@@ -284,3 +284,22 @@ def test_weight_prediction_runs_the_kept_forward_where_the_delayed_gradient_land
     stash.move_gradients()
     predicted(x).square().sum().backward()
     assert torch.allclose(layer.weight.grad, predicted.weight.grad)
+
+
+def test_the_real_input_terms_multiplier_is_the_augmented_lagrangians():
+    """lp.loss al_real: the real-input term of a middle stage is rho/2 |r|^2 + <lambda, r>
+    (means over elements) on r = F_k(real) - A_k(x), its gradient rho r + lambda over the
+    element count, and the AL step lambda + rho r is what stops that gradient moving once
+    the gap is closed; without a target there is no multiplier to carry."""
+    from hpcaux.train.lp.losses import al_update, real_input_term
+    torch.manual_seed(0)
+    out = torch.randn(4, 3, 2, 2, requires_grad=True)
+    target, lam, rho = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2), 0.7
+    term = real_input_term(out, torch.zeros(4, dtype=torch.long), is_last=False, target=target, rho=rho, multiplier=lam)
+    grad, = torch.autograd.grad(term.loss, out)
+    residual = out.detach() - target
+    assert torch.allclose(grad, (rho * residual + lam) / out.numel())
+    assert torch.equal(term.residual, residual) and set(term.parts) == {"real_penalty", "real_multiplier"}
+    assert torch.allclose(al_update(lam, term.residual, rho), lam + rho * residual)
+    plain = real_input_term(out, torch.zeros(4, dtype=torch.long), is_last=False, rho=rho, multiplier=lam)
+    assert plain.residual is None and not plain.parts

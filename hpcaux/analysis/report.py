@@ -151,7 +151,8 @@ def make_plots(view: StoreView, out_dir: Path) -> list[Path]:
 def _plot_arrays_and_drift(plt, view: StoreView, save):
     """The histograms of the stored z and multipliers, and the probe snapshots' drift
     per epoch, where the run has them."""
-    arrays = [(b, name) for b in range(view.K - 1) for name in ("z", "lambda") if view.boundary(b, name) is not None]
+    arrays = [(b, name) for b in range(view.K - 1) for name in ("z", "lambda", "lambda_real")
+              if view.boundary(b, name) is not None]
     if arrays:
         fig, axes = plt.subplots(1, len(arrays), figsize=(4 * len(arrays), 3.5), squeeze=False)
         for ax, (b, name) in zip(axes[0], arrays):

@@ -73,6 +73,7 @@ class RealInput:
     origin: int                # the step of the epoch stage k-1 sent it at
     returned: bool = False     # its gradient went back already (at a stop, before the save)
     target: torch.Tensor | None = None  # `relay`, a middle stage: the AuxNet's target of its batch
+    rows: torch.Tensor | None = None    # `relay`, a middle stage: its batch's sample indices (lp.loss al_real)
 
 
 @dataclass
@@ -150,6 +151,7 @@ class NeighbourExchange:
         self.real_returned = False
         self.recent_labels: deque = deque(maxlen=self.lag)  # of the last `lag` steps, oldest first
         self.recent_targets: deque = deque(maxlen=self.lag)  # `relay`: the AuxNet's, likewise
+        self.recent_rows: deque = deque(maxlen=self.lag)     # `relay`: the batches' sample indices
         self.kept: deque[DelayedGradient] = deque()         # oldest first
         if state:
             self._restore(state)
@@ -178,13 +180,15 @@ class NeighbourExchange:
         """The real input that arrived for step `self.step` (sent at the step before), with
         the labels and (relayed) the AuxNet target of its batch, remembered `lag` steps ago."""
         return RealInput(tensor, self.recent_labels[0], self.step - 1, returned,
-                         self.recent_targets[0] if self.relays else None)
+                         self.recent_targets[0] if self.relays else None,
+                         self.recent_rows[0] if self.relays else None)
 
-    def remember_target(self, target: torch.Tensor):
-        """`relay`: this step's AuxNet target, for the real input of this batch that
-        arrives `lag` steps later."""
+    def remember_target(self, target: torch.Tensor, rows: torch.Tensor):
+        """`relay`: this step's AuxNet target and sample indices, for the real input of
+        this batch that arrives `lag` steps later."""
         if self.relays:
             self.recent_targets.append(target.detach())
+            self.recent_rows.append(rows)
 
     # --- the receiving side (stage k > 0) ---------------------------------------------
     def return_gradient(self, real: RealInput | None, delayed: DelayedGradient | None):
@@ -279,7 +283,7 @@ class NeighbourExchange:
         """With the AuxNet: finish both pending gradients now. Stage k+1 sends before
         stage k waits, so a middle stage (both roles) cannot deadlock."""
         state: dict = {"real": None, "labels": list(self.recent_labels), "targets": list(self.recent_targets),
-                       "delayed": []}
+                       "rows": list(self.recent_rows), "delayed": []}
         if self.real is not None:
             real = self.real.wait()
             returned = self._returns_gradient_of(self.step - 1)
@@ -321,6 +325,7 @@ class NeighbourExchange:
             return Pending(self.comm, None, "restored", [], tensor.to(self.device))
         self.recent_labels.extend(labels.to(self.device) for labels in state["labels"])
         self.recent_targets.extend(target.to(self.device) for target in state.get("targets", []))
+        self.recent_rows.extend(state.get("rows", []))
         if state["real"] is not None:
             self.real, self.real_returned = ready(state["real"]["tensor"]), state["real"]["returned"]
         versions = [WeightStash.restored(self.modules, weights, self.device) for weights in state.get("versions", [])]

@@ -60,23 +60,28 @@ def stage_term(output, target, labels, *, is_last: bool, rho: float, multiplier=
 
 
 def real_input_term(output, labels, *, is_last: bool, local_head=None, local_weight: float = 0.0,
-                    target=None, rho: float = 0.0, criterion=F.cross_entropy) -> StageTerm:
+                    target=None, rho: float = 0.0, multiplier=None, criterion=F.cross_entropy) -> StageTerm:
     """What stage k learns from stage k-1's real output on an earlier batch (labels of
     that batch): the cross-entropy on the last stage, the local classifier's elsewhere,
     and where the AuxNet's target of that batch is at hand (lp.relay) the penalty pulling
-    the output towards it. The target enters detached: the AuxNet learns its side from
-    the stage's own term."""
+    the output towards it, with that batch's multipliers under lp.loss al_real. The
+    target enters detached: the AuxNet learns its side from the stage's own term."""
     if is_last:
         ce = criterion(output, labels)
         return StageTerm(ce, None, {"real_ce": ce.detach()})
-    loss, parts = output.sum() * 0.0, {}
+    loss, parts, residual = output.sum() * 0.0, {}, None
     if target is not None:
-        penalty = 0.5 * rho * (output - target.detach()).pow(2).mean()
+        residual = output - target.detach()
+        penalty = 0.5 * rho * residual.pow(2).mean()
         loss, parts["real_penalty"] = loss + penalty, penalty.detach()
+        if multiplier is not None:
+            mult = (multiplier * residual).mean()
+            loss, parts["real_multiplier"] = loss + mult, mult.detach()
+        residual = residual.detach()
     if local_head is not None and local_weight > 0:
         local_ce = criterion(local_head(output), labels)
         loss, parts["real_local_ce"] = loss + local_weight * local_ce, local_ce.detach()
-    return StageTerm(loss, None, parts)
+    return StageTerm(loss, residual, parts)
 
 
 def al_update(multiplier: torch.Tensor, residual: torch.Tensor, rho: float) -> torch.Tensor:

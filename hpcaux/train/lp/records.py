@@ -42,7 +42,7 @@ def layer_parallel_record(epoch: int, rho: float, totals: EpochTotals, step: Lay
             **metrics,
             "step_ms": _ms(ranks["step_s"]), "aux_ms": _ms(ranks["aux_s"]), "comm_ms": _ms(ranks["comm_s"]),
             "input_ms": ranks["input_ms"].tolist(),
-            "multiplier_rms": per_boundary("multiplier_rms", cfg.lp.loss == "al"),
+            "multiplier_rms": per_boundary("multiplier_rms", cfg.lp.loss != "penalty"),
             "z_mean": per_boundary("z_mean", stored), "z_std": per_boundary("z_std", stored),
             "allreduce_values": step.allreduce_values,
             "samples_per_s": samples / totals.seconds, "epoch_s": totals.seconds}

@@ -24,7 +24,7 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
-from hpcaux.store.names import lambda_name, z_name
+from hpcaux.store.names import lambda_name, lambda_real_name, z_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
 from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.modules import aux_buffers
@@ -56,6 +56,8 @@ class LayerParallelStep:
         self.in_boundary = s - 1 if s > 0 else None
         self.out_boundary = s if s < layout.K - 1 else None
         self.has_multipliers = cfg.lp.loss == "al" and self.out_boundary is not None
+        self.has_real_multipliers = cfg.lp.loss == "al_real" and self.in_boundary is not None \
+            and self.out_boundary is not None  # a middle stage
         self.allreduce_values = 0
         self.epoch_stats = self.fresh_stats()
         self.weight_version: WeightStash | None = None  # this step's, shared by its kept micro-batches
@@ -145,10 +147,13 @@ class LayerParallelStep:
             out = self.precision.forward((lambda h: stash.run(0, h)) if primary_stash else self.stage, inp)
             terms.append(self._own_term(out, target, labels, rho, multiplier, primary_stash))
         if relays:
-            exchange.remember_target(target)
+            exchange.remember_target(target, idx)
+        real_multiplier = None
         if beside:
-            real_term, real_out = self._real_term(real, rho, stash if relays else None)
+            real_term, real_out, multiplier_before = self._real_term(real, rho, stash if relays else None)
             terms.append(real_term)
+            if multiplier_before is not None:
+                real_multiplier = (real.rows, multiplier_before, real_term.residual)
         total = sum(t.loss for t in terms) if terms else torch.zeros((), device=self.device)
         sent = ((real_out, real.tensor) if beside else None) if relays else (out, inp) if primary else None
         tensors, grads = self._backward_now(terms, total, target, primary, sent, stash,
@@ -172,7 +177,7 @@ class LayerParallelStep:
         t_comm = t_wait + grad_wait + time.perf_counter() - t3
         return StepOutputs(StageTerm.combined(terms, total), out.detach() if out is not None else None, target,
                            multiplier, inp, {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
-                                             "comm_s": t_comm})
+                                             "comm_s": t_comm}, real_multiplier)
 
     def _backward_into_auxnet(self, preds: dict, inp, target):
         """The gradients the stage left on its input and target, back through the AuxNet
@@ -254,17 +259,20 @@ class LayerParallelStep:
         if self.cfg.lp.delayed_grad == "fused":
             delayed.own_loss = self._own_term(delayed.output, None, delayed.labels, 0.0, None, delayed.stash).loss
 
-    def _real_term(self, real, rho: float, stash=None) -> tuple[StageTerm, torch.Tensor]:
+    def _real_term(self, real, rho: float, stash=None) -> tuple[StageTerm, torch.Tensor, torch.Tensor | None]:
         """This stage's term on a real input (a RealInput: with its labels and, relayed,
-        the AuxNet's target of its batch), and its output, on `stash`'s weights where the
-        graph is kept (one function for the step and for a stop's `real_input_gradient`,
-        which must take the same gradient)."""
+        the AuxNet's target of its batch and, under lp.loss al_real, that batch's
+        multipliers from the store), its output and those multipliers, on `stash`'s
+        weights where the graph is kept (one function for the step and for a stop's
+        `real_input_gradient`, which must take the same gradient)."""
+        multiplier = self.store.read_rows(lambda_real_name(self.out_boundary), real.rows).to(self.device) \
+            if self.has_real_multipliers and real.target is not None else None
         out = self.precision.forward((lambda h: stash.run(0, h)) if stash else self.stage, real.tensor)
         head = (lambda h: stash.run(1, h)) if stash and self.local_head else self.local_head
         with self.precision.autocast():
             return real_input_term(out, real.labels, is_last=self.layout.is_last, local_head=head,
                                    local_weight=self.cfg.lp.local_cls_weight, target=real.target, rho=rho,
-                                   criterion=self.criterion), out
+                                   multiplier=multiplier, criterion=self.criterion), out, multiplier
 
     def real_input_gradient(self, real) -> torch.Tensor:
         """The gradient of this stage's real-input term with respect to the RealInput
@@ -272,7 +280,7 @@ class LayerParallelStep:
         BatchNorm's running statistics are left alone, so that step still finds them as
         they were (the exchange's `settle`)."""
         real = dataclasses.replace(real, tensor=real.tensor.detach().requires_grad_())
-        term, _ = self._real_term(real, self.rho, WeightStash.live((self.stage, self.local_head)))
+        term, _, _ = self._real_term(real, self.rho, WeightStash.live((self.stage, self.local_head)))
         grad, = torch.autograd.grad(term.loss, real.tensor)
         return grad
 
@@ -342,6 +350,11 @@ class LayerParallelStep:
         if self.has_multipliers:
             updated = al_update(step.multiplier, step.term.residual, rho)
             self.store.write_rows(lambda_name(self.out_boundary), idx, updated)
+            self.epoch_stats["multiplier"].add(updated)
+        if step.real_multiplier is not None:
+            rows, before, residual = step.real_multiplier
+            updated = al_update(before, residual, rho)
+            self.store.write_rows(lambda_real_name(self.out_boundary), rows, updated)
             self.epoch_stats["multiplier"].add(updated)
         t2 = time.perf_counter()
         times = {**step.times, "step_s": t2 - t0}

@@ -18,6 +18,9 @@ class StepOutputs:
     multiplier: torch.Tensor | None      # the batch's AL multipliers before the update
     inp: torch.Tensor | None = None      # the stage input (stored z: its gradient steps z)
     times: dict = field(default_factory=dict)
+    # lp.loss al_real: the real input's batch (sample rows), its multipliers before the
+    # update and the residual of its real-input term
+    real_multiplier: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def merged(parts: list["StepOutputs"]) -> "StepOutputs":

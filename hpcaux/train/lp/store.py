@@ -1,6 +1,7 @@
 """What a layer-parallel run keeps in RUN/aux.h5, and who owns each piece.
 
-z_k (stored auxiliary variables), lambda_k (AL multipliers) and stage k's real outputs
+z_k (stored auxiliary variables), lambda_k (AL multipliers; lambda_real_k those of the
+relayed real-input term) and stage k's real outputs
 (lp.real_source: store) belong to boundary k, whose owner is stage k's rank in replica 0;
 snapshots of AuxNet head k are written by that rank too. Metric series are written by rank 0, which holds the gathered values.
 """
@@ -14,7 +15,7 @@ import torch
 from hpcaux import __version__
 from hpcaux.store.aux_store import ArraySpec, AuxStore, git_sha
 from hpcaux.store.names import (SERIES, SERIES_PER_BOUNDARY, SERIES_PER_RANK, SERIES_PER_STAGE, SERIES_SCALAR,
-                                lambda_name, real_name, real_snapshot_name, series_name, snapshot_name, z_name)
+                                lambda_name, lambda_real_name, real_name, real_snapshot_name, series_name, snapshot_name, z_name)
 from hpcaux.train.lp.schedule import gradient_delays_in_steps
 
 class RunStore:
@@ -35,9 +36,10 @@ class RunStore:
                 for parity in (0, 1):
                     store.declare(ArraySpec(real_name(b, parity), (n_train, *shapes[b]), dtype, owner,
                                             holders=replicas + readers, writers=replicas, chunks=chunk, fill=np.nan))
-            if cfg.lp.loss == "al":
+            if cfg.lp.loss == "al" or (cfg.lp.loss == "al_real" and b > 0):  # al_real: a middle stage's
                 replicas = tuple(layout.stage_ranks(b))
-                store.declare(ArraySpec(lambda_name(b), (n_train, *shapes[b]), dtype, owner,
+                name = lambda_name(b) if cfg.lp.loss == "al" else lambda_real_name(b)
+                store.declare(ArraySpec(name, (n_train, *shapes[b]), dtype, owner,
                                         holders=replicas, writers=replicas, chunks=chunk))
         widths = {**{n: (K - 1,) for n in SERIES_PER_BOUNDARY}, **{n: (layout.K * layout.D,) for n in SERIES_PER_RANK},
                   **{n: (K,) for n in SERIES_PER_STAGE}, **{n: () for n in SERIES_SCALAR}}
