@@ -178,6 +178,23 @@ def test_the_k2_config_runs_without_an_auxnet_resumes_at_an_epoch_and_eval_agree
                                                                                              abs=1e-9)
 
 
+def test_the_relay_k4_config_stores_every_boundary_and_analyze_shows_them(tmp_path, cifar_root):
+    """The shipped AuxNet configuration at K = 4 (relay, convolutional local heads) under
+    four ranks: its store holds the AuxNet's prediction and the composed network's
+    activation at all three boundaries, and `hpcaux analyze` shows a column for each with
+    no empty cell once two epochs give a drift."""
+    _, summary, _, out = _lp_run(tmp_path, cifar_root, 4, "data.train_subset=256", "train.epochs=2",
+                                 "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
+                                 "auxnet.width=8", config="cifar10_resnet20_relay_k4.yaml")
+    table = check(run([HPCAUX, "analyze", str(out / "aux.h5"), "--out", str(tmp_path / "plots")],
+                      timeout=120)).stdout.splitlines()
+    header = table[0].split()
+    for b in range(3):
+        assert {f"gap[{b}]", f"probe_gap[{b}]", f"drift[{b}]", f"real_drift[{b}]"} <= set(header), header
+    assert "auxnet-path" in header and "-" not in table[2].split(), table[:3]
+    assert summary["K"] == 4 and summary["auxnet_path_acc"] is not None
+
+
 def test_without_the_boundary_norm_the_stages_compose_into_the_serial_network(tmp_path, cifar_root):
     """lp.boundary_norm=false (aux_source none): the two stages' weights, loaded into the
     serial ResNet-20 block by block, give the accuracy the run reported, and so does
