@@ -62,6 +62,9 @@ def test_reuse_keeps_the_committed_rows_when_the_run_directories_are_gone(tmp_pa
     results = run_bench(spec, out, quick=False, reuse=True, extra=["seed=1"])
     assert {n: (r["reused"], r["test_acc"]) for n, r in results["methods"].items()} == \
         {"serial_1thread": (True, 0.7), "lp_old": (True, 0.65)}
+    (tmp_path / "bench.yaml").write_text(BENCH.replace("methods: [serial_1thread, lp_old]", "methods: [serial_1thread]"))
+    results = run_bench(load_bench(tmp_path / "bench.yaml"), out, quick=False, reuse=True, extra=["seed=1"])
+    assert results["methods"]["lp_old"]["test_acc"] == 0.65  # dropped from the file, still a measurement
     with pytest.raises(UserError, match="was run with overrides .*seed=1.*--reuse would mix them"):
         run_bench(spec, out, quick=False, reuse=True, extra=["seed=2"])
     assert json.loads((out / "results.json").read_text())["overrides"][-1] == "seed=1"  # left as it was

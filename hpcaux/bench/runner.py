@@ -52,6 +52,8 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
             records[name] = {**kept[name], "reused": True}
         else:
             records[name] = _run_method(spec, out, name, shared, cfg, reuse)
+    for name in kept.keys() - records.keys():  # dropped from the bench file since: its row is still a measurement
+        records[name] = {**kept[name], "reused": True}
     results = {"machine": machine(), "date": started, "K": spec.K, "quick": quick, "base": str(spec.base),
                "overrides": shared, "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs,
                "train_subset": cfg.data.train_subset, "reference": spec.reference,
@@ -64,7 +66,8 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
 def _committed_records(out: Path, shared: list[str]) -> dict:
     """The finished rows of an earlier invocation's results.json. Run directories are not
     committed (docs/benchmarks.md), so in a fresh clone `--reuse` keeps these rows rather
-    than running every method again to add one; rows run under other overrides are refused."""
+    than running every method again to add one, and keeps those of methods the bench file
+    no longer lists; rows run under other overrides are refused."""
     path = out / "results.json"
     if not path.exists():
         return {}
