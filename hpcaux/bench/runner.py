@@ -37,7 +37,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
     kept = _committed_records(out, shared) if reuse else {}
     for name in spec.methods:
         if spec.method(name).retired:  # its setting no longer loads: only its finished run counts
-            if not (reuse and ((out / "runs" / name / "summary.json").exists() or name in kept)):
+            if not (reuse and (_has_run(out, name) or name in kept)):
                 raise UserError(f"bench method {name} uses a retired setting: it can only be reused from its "
                                 f"finished run in {out / 'runs' / name} (--reuse), or dropped from the bench file")
             continue
@@ -47,7 +47,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     records = {}
     for name in spec.methods:
-        if name in kept and not (out / "runs" / name / "summary.json").exists():
+        if name in kept and not _has_run(out, name):
             print(f"bench: {name}: reusing its row of {out / 'results.json'} (its run directory is gone)", flush=True)
             records[name] = {**kept[name], "reused": True}
         else:
@@ -61,6 +61,11 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
                "methods": records}
     write_json(out / "results.json", results)
     return results
+
+
+def _has_run(out: Path, name: str) -> bool:
+    """Whether method `name` has a finished run in this bench directory (BENCH/runs/<name>)."""
+    return (out / "runs" / name / "summary.json").exists()
 
 
 def _committed_records(out: Path, shared: list[str]) -> dict:
@@ -86,7 +91,7 @@ def _committed_records(out: Path, shared: list[str]) -> dict:
 def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool) -> dict:
     method = spec.method(name)
     run_dir = out / "runs" / name
-    reused = reuse and (run_dir / "summary.json").exists()
+    reused = reuse and _has_run(out, name)
     record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K), "reused": reused}
     if reused:
         print(f"bench: {name}: reusing {run_dir}", flush=True)

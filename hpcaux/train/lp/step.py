@@ -337,6 +337,12 @@ class LayerParallelStep:
                 self.epoch_stats["z"].add(updated)
 
     # --- 4. apply -----------------------------------------------------------------------
+    def _step_multipliers(self, name: str, rows, before, residual, rho: float):
+        """The AL dual step for a batch's samples, written back to the store array `name`."""
+        updated = al_update(before, residual, rho)
+        self.store.write_rows(name, rows, updated)
+        self.epoch_stats["multiplier"].add(updated)
+
     def __call__(self, x, y, idx, rho: float) -> dict:
         """The whole step; returns the numbers the epoch sums, as device tensors where they
         come from the device (the epoch loop reads them, and the stop vote, every
@@ -348,14 +354,9 @@ class LayerParallelStep:
         if self.aux_opt:
             self.aux_opt.step()
         if self.has_multipliers:
-            updated = al_update(step.multiplier, step.term.residual, rho)
-            self.store.write_rows(lambda_name(self.out_boundary), idx, updated)
-            self.epoch_stats["multiplier"].add(updated)
+            self._step_multipliers(lambda_name(self.out_boundary), idx, step.multiplier, step.term.residual, rho)
         if step.real_multiplier is not None:
-            rows, before, residual = step.real_multiplier
-            updated = al_update(before, residual, rho)
-            self.store.write_rows(lambda_real_name(self.out_boundary), rows, updated)
-            self.epoch_stats["multiplier"].add(updated)
+            self._step_multipliers(lambda_real_name(self.out_boundary), *step.real_multiplier, rho)
         t2 = time.perf_counter()
         times = {**step.times, "step_s": t2 - t0}
         times["stage_s"] += t2 - t1
