@@ -56,14 +56,15 @@ def _parser() -> argparse.ArgumentParser:
                                        "another on the same data (a bench file under configs/), then write "
                                        "BENCH/results.json, results.md and plots (docs/benchmarks.md). "
                                        "`hpcaux bench report` rewrites the docs' tables from the results files.")
-    bench.add_argument("--config", required=True, help="bench file, e.g. configs/bench_cifar10_resnet20.yaml")
+    bench.add_argument("--config", help="bench file, e.g. configs/bench_cifar10_resnet20.yaml (not with --model)")
     bench.add_argument("--out", required=True, help="bench directory")
     bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
     bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
     bench.add_argument("--overwrite", action="store_true", help="run every method again")
     bench.add_argument("--K", type=int, metavar="N", help="run the methods with N stages (ranks) instead of the file's K")
     bench.add_argument("--model", action="store_true",
-                       help="only the cost model: project the speedup to larger K and models (BENCH/cost_model.md)")
+                       help="only the cost model's GPU projection, the same for every bench: the speedup of each "
+                            "method at larger K and models (BENCH/projection.json, BENCH/cost_model.md)")
     bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
 
     data = sub.add_parser("data", help="prepare a data set in the standard layout",

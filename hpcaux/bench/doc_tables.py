@@ -6,7 +6,10 @@ in its document between `<!-- table NAME ... -->` and `<!-- end table -->`;
 `hpcaux bench report` rewrites it there, and `--check` (and tests/test_docs.py) fails
 when a committed number differs from its file. So a number in a table is never typed by
 hand, and a table of several seeds applies the protocol rule of docs/benchmarks.md
-itself: a difference under two standard deviations is printed as a tie.
+itself: a difference under two standard deviations is printed as a tie. The cost model's
+columns (timetable, predicted, error, waits) play a row's own timetable with its measured
+times (cost_model.measured_vs_predicted); a `projection:` table is the GPU projection of
+`hpcaux bench --model`, from its projection.json.
 """
 from __future__ import annotations
 
@@ -18,14 +21,17 @@ from pathlib import Path
 
 import yaml
 
-from hpcaux.bench.report import time_to_accuracy
+from hpcaux.bench.cost_model import measured_vs_predicted
+from hpcaux.bench.report import per_rank, projection_table, time_to_accuracy
 from hpcaux.errors import UserError
 
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
 COLUMNS = {"val": "val acc (last epoch)", "test": "test acc", "delta": "Δ test vs {ref}",
            "seeds": "test acc per seed", "speedup": "samples/s vs {ref}", "samples": "samples/s",
            "step": "step ms", "stages": "stage ms per rank", "cut": "cut", "imbalance": "imbalance timed / trained",
-           "reach": "time to {ref}'s accuracy"}
+           "reach": "time to {ref}'s accuracy", "timetable": "timetable, M", "predicted": "predicted step ms",
+           "error": "model error", "waits": "wait ms per rank, predicted / measured"}
+MODEL_COLUMNS = ("timetable", "predicted", "error", "waits")
 
 
 @dataclass
@@ -44,7 +50,9 @@ class Table:
     rows: list[Row]
     reference: int = 0
     note: str = ""            # the header of the rows' free-text column, if any
+    projection: str = ""      # a bench directory whose projection.json is the table (hpcaux bench --model)
     results: dict = field(default_factory=dict, repr=False)   # bench directory -> results.json
+    models: dict = field(default_factory=dict, repr=False)    # bench directory -> method -> cost model row
 
 
 def load_tables(spec_file: Path) -> list[Table]:
@@ -60,9 +68,9 @@ def load_tables(spec_file: Path) -> list[Table]:
         if unknown:
             raise UserError(f"table {name} in {spec_file}: unknown column {unknown[0]!r} (known: {', '.join(COLUMNS)})")
         rows = [Row(r["label"], r["method"], [r["bench"]] if isinstance(r["bench"], str) else list(r["bench"]),
-                    r.get("note", "")) for r in body["rows"]]
-        tables.append(Table(name, body["doc"], list(body["columns"]), rows, body.get("reference", 0),
-                            body.get("note", "")))
+                    r.get("note", "")) for r in body.get("rows", [])]
+        tables.append(Table(name, body["doc"], list(body.get("columns", [])), rows, body.get("reference", 0),
+                            body.get("note", ""), body.get("projection", "")))
     return tables
 
 
@@ -160,13 +168,30 @@ def _cost(table: Table, row: Row, column: str) -> str:
     if column == "step":
         return f"{rec['step_ms']:.0f}"
     if column == "stages":
-        return "/".join(f"{v:.0f}" for v in stages) if stages else "–"
+        return per_rank(stages) if stages else "–"
     if column == "cut":
         return str(rec["cuts"]) if rec.get("cuts") else "–"
     if not stages or rec.get("cut_imbalance") is None:
         return "–"
     trained = max(stages) / (sum(stages) / len(stages)) - 1
     return f"{100 * rec['cut_imbalance']:.1f} % / {100 * trained:.1f} %"
+
+
+def _model(table: Table, row: Row, column: str) -> str:
+    """The cost model against the row's first bench (cost_model.measured_vs_predicted)."""
+    bench = row.benches[0]
+    if bench not in table.models:
+        table.models[bench] = {r["method"]: r for r in measured_vs_predicted(table.results[bench])}
+    r = table.models[bench].get(row.method)
+    if r is None:
+        return "–"
+    if column == "timetable":
+        return f"{r['timetable']}, {r['microbatches']}"
+    if column == "predicted":
+        return f"{r['predicted_step_ms']:.0f}"
+    if column == "error":
+        return f"{100 * r['error']:+.1f} %"
+    return f"{per_rank(r['predicted_wait_ms'])} / {per_rank(r['measured_wait_ms'])}"
 
 
 def _cell(table: Table, row: Row, column: str) -> str:
@@ -182,11 +207,18 @@ def _cell(table: Table, row: Row, column: str) -> str:
         return _speedup(table, row)
     if column == "reach":
         return _time_to_reference(table, row)
+    if column in MODEL_COLUMNS:
+        return _model(table, row, column)
     return _cost(table, row, column)
 
 
 def render(table: Table, bench_root: Path) -> str:
     """The table's markdown, one line per row, ending in a newline."""
+    if table.projection:
+        path = bench_root / table.projection / "projection.json"
+        if not path.is_file():
+            raise UserError(f"table {table.name}: {path} does not exist (hpcaux bench --model --out {path.parent})")
+        return projection_table(json.loads(path.read_text())) + "\n"
     _read_results(table, bench_root)
     ref = table.rows[table.reference].label
     header = ["method"] + [COLUMNS[c].format(ref=ref) for c in table.columns] + ([table.note] if table.note else [])

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcaux.bench.cost_model import BANDWIDTH_BPS, LATENCY_S, measured_vs_predicted
+from hpcaux.bench.cost_model import CPU_LINK_BPS, measured_vs_predicted
 
 
-def _ms(values) -> str:
-    return "/".join(f"{v:.0f}" for v in values) if values else "–"
+def per_rank(values) -> str:
+    """Per-rank numbers as 12/34 (no "-0" for a model's rounding below zero)."""
+    return "/".join(str(round(v) + 0) for v in values) if values else "–"
 
 
 def results_table(results: dict) -> str:
@@ -24,8 +25,8 @@ def results_table(results: dict) -> str:
         reused = " (reused: ran before this invocation)" if rec.get("reused") else ""
         lines.append(
             f"| {i}. {rec['label']}{reused} | {rec['ranks']} × {rec['threads']} | {rec['samples_per_s']:.0f} | "
-            f"{speedup:.2f}× | {rec['step_ms']:.0f} | {_ms(rec['stage_ms_per_rank'])} | {_ms(rec['aux_ms_per_rank'])} | "
-            f"{_ms(rec['comm_ms_per_rank'])} | {_ms(rec['idle_ms_per_rank'])} | {_ms(rec['peak_mem_mb_per_rank'])} | "
+            f"{speedup:.2f}× | {rec['step_ms']:.0f} | {per_rank(rec['stage_ms_per_rank'])} | {per_rank(rec['aux_ms_per_rank'])} | "
+            f"{per_rank(rec['comm_ms_per_rank'])} | {per_rank(rec['idle_ms_per_rank'])} | {per_rank(rec['peak_mem_mb_per_rank'])} | "
             f"{rec['test_acc']:.4f} | {diff:+.2f} pt | {rec['epochs']} |")
     return "\n".join(lines)
 
@@ -59,39 +60,53 @@ def accuracy_table(results: dict) -> str:
 
 
 def model_table(results: dict) -> str:
-    rows = measured_vs_predicted(results)
+    rows = measured_vs_predicted(results)   # imbalance = slowest stage over the mean: timed before training, trained
     if not rows:
-        return "(no layer-parallel method finished)"
-    lines = ["| method | T_serial ms | T_stage ms (ideal T/K) | T_aux ms | T_comm ms | predicted (equal stages) | "
-             "predicted (measured stages) | measured | imbalance ms | contention ms | cuts | imbalance timed / trained |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        return "(no layer-parallel method without a fine-tune finished)"
+    lines = ["| method | timetable, M | stage ms per rank | predicted step ms | measured step ms | error | "
+             "predicted wait ms per rank | measured wait ms per rank | fill + drain ms an epoch | "
+             "imbalance timed / trained |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        timed = f"{100 * r['imbalance_timed']:.1f} %" if r.get("imbalance_timed") is not None else "–"
-        lines.append(f"| {r['method']} | {r['T_serial_ms']:.0f} | {_ms(r['T_stage_ms'])} ({r['ideal_stage_ms']:.0f}) | "
-                     f"{r['T_aux_ms']:.0f} | {r['T_comm_ms']:.0f} | {r['predicted_equal_stages']:.2f}× | "
-                     f"{r['predicted_measured_stages']:.2f}× | {r['measured']:.2f}× | {r['imbalance_ms']:.0f} | "
-                     f"{r['contention_ms']:.0f} | {r.get('cuts') or '–'} | "
-                     f"{timed} / {100 * r['imbalance_trained']:.1f} % |")
+        lines.append(f"| {r['method']} | {r['timetable']}, {r['microbatches']} | {per_rank(r['stage_ms'])} | "
+                     f"{r['predicted_step_ms']:.0f} | {r['measured_step_ms']:.0f} | {100 * r['error']:+.1f} % | "
+                     f"{per_rank(r['predicted_wait_ms'])} | {per_rank(r['measured_wait_ms'])} | {r['fill_drain_ms']:.0f} | "
+                     f"{_imbalance(r['imbalance_timed'])} / {_imbalance(r['imbalance_trained'])} |")
     return "\n".join(lines)
 
 
-def projection_table(rows: list[dict]) -> str:
-    lines = ["| model | image | batch | K | T_serial ms | T_stage ms | T_aux ms | T_comm ms | allreduce MB | "
-             "projected speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {r['K']} | {r['T_serial_ms']:.1f} | "
-                     f"{r['T_stage_ms']:.1f} | {r['T_aux_ms']:.2f} | {r['T_comm_ms']:.3f} | {r['allreduce_MB']:.2f} | "
-                     f"{r['speedup']:.2f}× (of {r['ideal']}) |")
+def _imbalance(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+PROJECTED_LABELS = {"gpipe": "GPipe", "pipeline": "pipeline (K = 2 default)", "auxnet": "AuxNet alone",
+                    "relay": "AuxNet relay (K = 4 config)"}
+
+
+def projection_table(projection: dict) -> str:
+    """The GPU projection of cost_model.projection(): speedup over serial backprop on one
+    GPU per model, K and method (M = the method's micro-batches)."""
+    first = projection["rows"][0]
+    lines = ["| model | image | batch | K | serial ms | " +
+             " | ".join(f"{PROJECTED_LABELS[n]}, M = {first[n]['microbatches']}" for n in PROJECTED_LABELS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(PROJECTED_LABELS)]
+    for r in projection["rows"]:
+        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {r['K']} | {r['serial_ms']:.1f} | " +
+                     " | ".join(f"{r[n]['speedup']:.2f}×" for n in PROJECTED_LABELS) + " |")
     return "\n".join(lines)
 
 
-def projection_header(rate: float, aux_scale: float) -> str:
-    return (f"Compute at {rate / 1e12:.1f} TMAC/s (forward + backward = 3 × forward MACs); AuxNet time × "
-            f"{aux_scale:.1f} (its measured time per MAC relative to the stages, see below); ring allreduce at "
-            f"{BANDWIDTH_BPS / 1e9:.0f} GB/s and {LATENCY_S * 1e6:.0f} µs per message.")
+def projection_header(projection: dict) -> str:
+    a = projection["assumptions"]
+    return (f"**A projection, not a measurement** (no GPU has run hpcaux): compute at {a['macs_per_s'] / 1e12:.1f} TMAC/s "
+            f"(forward + backward = 3 × forward MACs) plus {a['layer_pass_s'] * 1e6:.0f} µs per layer and pass "
+            f"whatever the micro-batch; the AuxNet (width {a['auxnet_width']}, depth {a['auxnet_depth']}) at "
+            f"{a['aux_time_per_mac']:.1f} × the stages' time per MAC, as measured in docs/bench/{a['aux_calibration']}; "
+            f"messages and the ring allreduce at {a['link_bps'] / 1e9:.0f} GB/s and {a['latency_s'] * 1e6:.0f} µs "
+            "per message; each method's own timetable (waits, fill and drain included).")
 
 
-def write_report(results: dict, out: Path, projections: dict | None = None) -> Path:
+def render_report(results: dict) -> str:
+    """BENCH/results.md's text (the plots are apart: write_report)."""
     m = results["machine"]
     text = [f"# hpcaux bench: {Path(results['base']).name}, K = {results['K']}"
             f"{' (quick mode)' if results['quick'] else ''}", "",
@@ -111,16 +126,19 @@ def write_report(results: dict, out: Path, projections: dict | None = None) -> P
             "accuracy (per epoch) first reaches method 1's final held-out accuracy.", "",
             accuracy_table(results), "",
             "## Cost model (docs/design.md §6) against the measurement", "",
-            "Imbalance = slowest stage over the mean stage: timed = what the cut's timing measured side by side "
-            "before training (docs/design.md §6), trained = the stage times of the run.", "",
-            model_table(results), ""]
-    if projections:
-        text += ["## Projection", "", projection_header(projections["rate"], projections["aux_scale"]), "",
-                 projection_table(projections["rows"]), ""]
-    text += ["![samples per second](throughput.png)", "", "![accuracy against training time](accuracy_vs_time.png)", "",
-             "![accuracy against speedup](accuracy_vs_speedup.png)", ""]
+            "Each method's timetable played with its ranks' measured stage, AuxNet and per-step times; the "
+            "allreduce at the fastest rank's communication time, a message at its bytes over "
+            f"{CPU_LINK_BPS / 1e9:.0f} GB/s. Wait = a rank's communication time above the fastest rank's.", "",
+            model_table(results), "",
+            "The GPU projection, the same for every bench: docs/benchmarks.md (`hpcaux bench --model`).", "",
+            "![samples per second](throughput.png)", "", "![accuracy against training time](accuracy_vs_time.png)", "",
+            "![accuracy against speedup](accuracy_vs_speedup.png)", ""]
+    return "\n".join(text)
+
+
+def write_report(results: dict, out: Path) -> Path:
     path = out / "results.md"
-    path.write_text("\n".join(text))
+    path.write_text(render_report(results))
     _plots(results, out)
     return path
 

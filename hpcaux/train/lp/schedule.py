@@ -90,6 +90,19 @@ class Plan:
         return self.steps * self.microbatches
 
 
+def plan_of(lp, K: int, steps: int) -> Plan:
+    """The timetable a layer-parallel phase with the `lp` config runs (the cost model
+    plays it; step.py and exchange.py run it): the pipeline without an AuxNet, the AuxNet
+    with the neighbour exchange, or the AuxNet objective alone (stored real inputs send
+    nothing)."""
+    exchanges = lp.real_inputs != "none" and lp.real_source == "exchange"
+    if lp.aux_source == "none":
+        return Plan("chained", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad)
+    if exchanges:
+        return Plan("exchange", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad, lp.relay)
+    return Plan("auxnet", K, steps, lp.microbatches)
+
+
 def gradient_delay(K: int, stage: int, chained: bool) -> int:
     """Ticks (exchange steps) from a stage's forward of a micro-batch to the backward of its
     returned gradient (docs/algorithm.md): 2 with the AuxNet, 2(K-1-k) in the chained
