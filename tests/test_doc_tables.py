@@ -120,3 +120,44 @@ def test_the_speed_columns_show_stages_cut_imbalances_and_time_to_the_reference_
     lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
     assert "| serial | 100 | 400 | – | – | – | 20 s |" in lines
     assert "| close | 150 | 250 | 180/220 | [4] | 5.1 % / 9.9 % | 16 s |" in lines
+
+
+def test_rows_of_several_invocations_take_each_ones_reference_and_name_its_seed(repo):
+    """A speed ratio stays within one invocation: a row of another bench is set against the
+    reference method of its own bench. `late`: training seconds from epoch late_from on."""
+    seed0 = _results({"serial": (0.70, 100.0), "close": (0.71, 150.0)})
+    seed1 = _results({"serial": (0.72, 120.0), "close": (0.69, 60.0)})
+    seed1["overrides"] = ["train.epochs=3", "seed=1"]
+    for results in (seed0, seed1):
+        results["methods"]["close"]["curve"] = [[10.0, 0.5], [25.0, 0.6], [45.0, 0.7]]
+    (repo / "docs" / "bench" / "a" / "results.json").write_text(json.dumps(seed0))
+    (repo / "docs" / "bench" / "b" / "results.json").write_text(json.dumps(seed1))
+    (repo / "docs" / "tables.yaml").write_text("""tables:
+  seeds:
+    doc: docs/accuracy.md
+    columns: [seed, speedup, late]
+    late_from: 3
+    rows:
+      - {label: serial, method: serial, bench: a}
+      - {label: close, method: close, bench: a}
+      - {label: close, method: close, bench: b}
+""")
+    assert _report(repo).returncode == 0
+    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
+    assert "| method | seed | samples/s vs serial | training s from epoch 3 |" in lines
+    assert "| serial | 0 | 1.00× | – |" in lines
+    assert "| close | 0 | 1.50× | 20.0 s |" in lines and "| close | 1 | 0.50× | 20.0 s |" in lines
+
+
+def test_a_projection_table_comes_from_its_projection_file(repo):
+    row = {"model": "resnet56", "image": 32, "batch": 128, "K": 4, "serial_ms": 13.04}
+    for name, (m, speedup) in {"gpipe": (4, 1.22), "pipeline": (4, 2.151), "auxnet": (1, 3.3), "relay": (1, 1.38)}.items():
+        row[name] = {"microbatches": m, "step_ms": 13.04 / speedup, "speedup": speedup}
+    (repo / "docs" / "tables.yaml").write_text("tables:\n  seeds:\n    doc: docs/accuracy.md\n    projection: p\n")
+    proc = _report(repo)
+    assert proc.returncode == 2 and "p/projection.json does not exist (hpcaux bench --model" in proc.stderr
+    (repo / "docs" / "bench" / "p").mkdir()
+    (repo / "docs" / "bench" / "p" / "projection.json").write_text(json.dumps({"rows": [row]}))
+    assert _report(repo).returncode == 0
+    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
+    assert "| resnet56 | 32 | 128 | 4 | 13.0 | 1.22× | 2.15× | 3.30× | 1.38× |" in lines

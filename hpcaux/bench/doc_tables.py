@@ -9,7 +9,8 @@ hand, and a table of several seeds applies the protocol rule of docs/benchmarks.
 itself: a difference under two standard deviations is printed as a tie. The cost model's
 columns (timetable, predicted, error, waits) play a row's own timetable with its measured
 times (cost_model.measured_vs_predicted); a `projection:` table is the GPU projection of
-`hpcaux bench --model`, from its projection.json.
+`hpcaux bench --model`, from its projection.json; a `report:` table is a bench's results
+table as its results.md shows it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from hpcaux.bench.cost_model import measured_vs_predicted
-from hpcaux.bench.report import per_rank, projection_table, time_to_accuracy
+from hpcaux.bench.report import per_rank, projection_table, results_table, time_to_accuracy
 from hpcaux.errors import UserError
 
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
@@ -30,7 +31,8 @@ COLUMNS = {"val": "val acc (last epoch)", "test": "test acc", "delta": "Δ test 
            "seeds": "test acc per seed", "speedup": "samples/s vs {ref}", "samples": "samples/s",
            "step": "step ms", "stages": "stage ms per rank", "cut": "cut", "imbalance": "imbalance timed / trained",
            "reach": "time to {ref}'s accuracy", "timetable": "timetable, M", "predicted": "predicted step ms",
-           "error": "model error", "waits": "wait ms per rank, predicted / measured"}
+           "error": "model error", "waits": "wait ms per rank, predicted / measured", "seed": "seed",
+           "late": "training s from epoch {late}"}
 MODEL_COLUMNS = ("timetable", "predicted", "error", "waits")
 
 
@@ -51,6 +53,8 @@ class Table:
     reference: int = 0
     note: str = ""            # the header of the rows' free-text column, if any
     projection: str = ""      # a bench directory whose projection.json is the table (hpcaux bench --model)
+    report: str = ""          # a bench directory whose results table (as in its results.md) is the table
+    late_from: int = 0        # the first epoch the `late` column times (the quiet epochs of a disturbed run)
     results: dict = field(default_factory=dict, repr=False)   # bench directory -> results.json
     models: dict = field(default_factory=dict, repr=False)    # bench directory -> method -> cost model row
 
@@ -70,7 +74,8 @@ def load_tables(spec_file: Path) -> list[Table]:
         rows = [Row(r["label"], r["method"], [r["bench"]] if isinstance(r["bench"], str) else list(r["bench"]),
                     r.get("note", "")) for r in body.get("rows", [])]
         tables.append(Table(name, body["doc"], list(body.get("columns", [])), rows, body.get("reference", 0),
-                            body.get("note", ""), body.get("projection", "")))
+                            body.get("note", ""), body.get("projection", ""), body.get("report", ""),
+                            body.get("late_from", 0)))
     return tables
 
 
@@ -119,12 +124,12 @@ def _delta(table: Table, row: Row) -> str:
 
 
 def _speedup(table: Table, row: Row) -> str:
-    """Samples/s against the reference row, only between rows of one bench invocation:
-    per invocation (seed) the row and the reference ran in, then their mean ± standard
-    deviation over the invocations where both ran; marked where a row was reused from an
-    earlier invocation."""
+    """Samples/s against the reference row's method, only between rows of one bench
+    invocation: per invocation (seed) of the row where the reference method ran too, then
+    their mean ± standard deviation over those invocations; marked where a row was reused
+    from an earlier invocation."""
     ref_row = table.rows[table.reference]
-    common = [b for b in row.benches if b in ref_row.benches]
+    common = [b for b in row.benches if ref_row.method in table.results[b]["methods"]]
     if not common:
         return "other bench"
     ratios, reused = [], ""
@@ -194,6 +199,24 @@ def _model(table: Table, row: Row, column: str) -> str:
     return f"{per_rank(r['predicted_wait_ms'])} / {per_rank(r['measured_wait_ms'])}"
 
 
+def _seed(table: Table, row: Row) -> str:
+    seeds = []
+    for bench in row.benches:
+        overrides = table.results[bench].get("overrides", [])
+        seeds.append(next((o.split("=", 1)[1] for o in overrides if o.startswith("seed=")), "0"))
+    return " / ".join(seeds)
+
+
+def _late(table: Table, row: Row) -> str:
+    """Training seconds from epoch `late_from` on (the row's first bench): the quiet part
+    of a run whose first epochs shared the machine."""
+    rec = table.results[row.benches[0]]["methods"].get(row.method)
+    curve = rec.get("curve") if rec and "error" not in rec else None
+    if not curve or len(curve) < table.late_from:
+        return "–"
+    return f"{curve[-1][0] - curve[table.late_from - 2][0]:.1f} s"
+
+
 def _cell(table: Table, row: Row, column: str) -> str:
     if column == "val":
         return _mean_std(_values(table, row, "val_acc"), 3)
@@ -209,6 +232,10 @@ def _cell(table: Table, row: Row, column: str) -> str:
         return _time_to_reference(table, row)
     if column in MODEL_COLUMNS:
         return _model(table, row, column)
+    if column == "seed":
+        return _seed(table, row)
+    if column == "late":
+        return _late(table, row)
     return _cost(table, row, column)
 
 
@@ -219,9 +246,14 @@ def render(table: Table, bench_root: Path) -> str:
         if not path.is_file():
             raise UserError(f"table {table.name}: {path} does not exist (hpcaux bench --model --out {path.parent})")
         return projection_table(json.loads(path.read_text())) + "\n"
+    if table.report:
+        path = bench_root / table.report / "results.json"
+        if not path.is_file():
+            raise UserError(f"table {table.name}: {path} does not exist")
+        return results_table(json.loads(path.read_text())) + "\n"
     _read_results(table, bench_root)
     ref = table.rows[table.reference].label
-    header = ["method"] + [COLUMNS[c].format(ref=ref) for c in table.columns] + ([table.note] if table.note else [])
+    header = ["method"] + [COLUMNS[c].format(ref=ref, late=table.late_from) for c in table.columns] + ([table.note] if table.note else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.rows:
         cells = [row.label] + [_cell(table, row, c) for c in table.columns] + ([row.note] if table.note else [])
