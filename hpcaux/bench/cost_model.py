@@ -9,7 +9,7 @@ every micro-batch follow from the schedule. Only where the action costs come fro
   timetable runs in a step; the world allreduce at the fastest rank's communication time;
   a message at its bytes over this machine's loopback (CPU_LINK_BPS). What is checked is
   how the ranks' work composes into a step, which is what the parallel method changes;
-* the projection (`project`): multiply-accumulates (MACs) per block and per AuxNet head at
+* the projection (`projection`): multiply-accumulates (MACs) per block and per AuxNet head at
   an assumed GPU rate (forward + backward = 3 x forward), plus a fixed cost per layer and
   pass that small micro-batches cannot hide (the small micro-batch efficiency); messages
   and the AuxNet allreduce (a ring) over a cluster link.
@@ -30,8 +30,7 @@ from hpcaux.data.sets import image_size
 from hpcaux.errors import UserError
 from hpcaux.models import build_model
 from hpcaux.models.auxnet import AuxNet
-from hpcaux.models.partition import (balanced_cuts, block_flops, block_inputs, boundary_shapes, count_macs,
-                                     make_stages)
+from hpcaux.models.partition import balanced_cuts, block_flops, block_inputs, count_macs
 from hpcaux.train.lp.schedule import Plan, plan_of
 
 REPO = Path(__file__).resolve().parents[2]
@@ -73,13 +72,14 @@ def method_config(results: dict, name: str):
 
 
 def _boundary_values(cfg, cuts: list[int] | None) -> list[int]:
-    """Values of one sample's activation at each boundary of the run's cut."""
+    """Values of one sample's activation at each boundary of the run's cut (the run's own,
+    else the config's, else balanced by MACs as the oldest benches cut)."""
     size = image_size(cfg.data)
     model = build_model(cfg.model.arch, 10).eval()
-    if not cuts:
-        cuts = balanced_cuts(block_flops(model, torch.zeros(1, 3, size, size)), cfg.parallel.K)
-    shapes = boundary_shapes(make_stages(model, cuts, boundary_norm=False), (3, size, size))
-    return [int(torch.Size(s).numel()) for s in shapes]
+    sample = torch.zeros(1, 3, size, size)
+    cuts = cuts or cfg.parallel.cuts or balanced_cuts(block_flops(model, sample), cfg.parallel.K)
+    inputs = block_inputs(model, sample)
+    return [inputs[c][0].numel() for c in cuts]
 
 
 def _split(total: float, forwards: float, backwards: float) -> tuple[float, float]:
@@ -137,7 +137,7 @@ def aux_scale(results: dict, width: int, depth: int) -> float:
     if not measured:
         return 1.0
     cfg = load_config(REPO / "configs" / Path(results["base"]).name, results["overrides"])
-    model = ProjectedModel(cfg.model.arch, 10, image_size(cfg.data), results["batch_size"], 1, width, depth)
+    model = ProjectedModel(cfg.model.arch, 10, image_size(cfg.data), results["batch_size"], width, depth)
     costs = model.costs(results["K"], 1, 1e12, 0.0, 0.0, with_aux=True)
     stage = max(f + b for f, b in zip(costs.forward_ms, costs.backward_ms))
     predicted = max(f + b for f, b in zip(costs.aux_forward_ms, costs.aux_backward_ms)) / stage
@@ -147,9 +147,8 @@ def aux_scale(results: dict, width: int, depth: int) -> float:
 class ProjectedModel:
     """A model's blocks, boundaries and AuxNet counted once, costed at any K and M."""
 
-    def __init__(self, arch: str, classes: int, size: int, batch: int, steps: int, aux_width: int, aux_depth: int):
-        self.arch, self.size, self.batch, self.steps = arch, size, batch, steps
-        self.aux_width, self.aux_depth = aux_width, aux_depth
+    def __init__(self, arch: str, classes: int, size: int, batch: int, aux_width: int, aux_depth: int):
+        self.size, self.batch, self.aux_width, self.aux_depth = size, batch, aux_width, aux_depth
         # eval mode: a one-image count must not trip BatchNorm at a 1x1 feature map
         self.model = build_model(arch, classes).eval()
         sample = torch.zeros(1, 3, size, size)
@@ -174,9 +173,12 @@ class ProjectedModel:
         if with_aux:
             aux = AuxNet(shapes, self.aux_width, self.aux_depth, 3, self.size).eval()
             x = torch.zeros(1, 3, self.size, self.size)
-            # a rank runs the trunk and the heads of its input and its target
-            aux_ms = [(count_macs(aux, lambda k=k: aux(x, [b for b in (k - 1, k) if 0 <= b < K - 1])) * micro / rate
-                       * aux_time_scale + _leaves(aux) * layer_s) * 1e3 for k in range(K)]
+            aux_ms = []
+            for k in range(K):   # a rank runs the trunk and the heads of its input and its target
+                heads = [b for b in (k - 1, k) if 0 <= b < K - 1]
+                macs = count_macs(aux, lambda: aux(x, heads))
+                layers = _leaves(aux.trunk) + sum(_leaves(aux.heads[b]) for b in heads)
+                aux_ms.append((macs * micro / rate * aux_time_scale + layers * layer_s) * 1e3)
             values = sum(p.numel() for p in aux.parameters()) + sum(b.numel() for b in aux.buffers()
                                                                    if b.is_floating_point())
         ring = 2 * (K - 1) * LATENCY_S + 2 * (K - 1) / K * 4 * values * link_s_per_byte
@@ -210,7 +212,7 @@ def projection(ks=KS, models=PROJECTED) -> dict:
     scale = aux_scale(calibration, aux_cfg.width, aux_cfg.depth)
     rows = []
     for arch, classes, size, batch, steps in models:
-        model = ProjectedModel(arch, classes, size, batch, steps, aux_cfg.width, aux_cfg.depth)
+        model = ProjectedModel(arch, classes, size, batch, aux_cfg.width, aux_cfg.depth)
         serial = model.serial_ms(GPU_MACS_PER_S, LAYER_PASS_S)
         for K in ks:
             if K > len(model.blocks):

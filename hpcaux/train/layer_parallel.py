@@ -33,7 +33,7 @@ from hpcaux.train.lp.metrics import HeldOutMetrics
 from hpcaux.train.lp.parts import build_stage_parts
 from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
 from hpcaux.train.lp.step import LayerParallelStep
-from hpcaux.train.lp.store import RunStore, init_stored_z
+from hpcaux.train.lp.store import RunStore
 from hpcaux.train.lp.stored_real import StoredRealInputs
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.precision import Precision
@@ -108,9 +108,8 @@ class LayerParallelTrainer:
                                       store=self.store, shapes=parts.shapes, stage_group=stage_group,
                                       replica_group=replica_group, stop_vote=self.stop_vote, precision=precision,
                                       exchange=exchange, stored_real=stored_real)
-        if cfg.lp.aux_source == "stored" and not resume:
-            wanted = [b for b in (self.step.in_boundary, self.step.out_boundary) if b is not None]
-            init_stored_z(self.store, stages, wanted, self.data, cfg.train.eval_batch_size, device, comm.barrier)
+        if self.step.stored_z is not None and not resume:
+            self.step.stored_z.initialise(stages, self.data, cfg.train.eval_batch_size, comm.barrier)
         self.chain = StageChain(comm, lay, parts.stage, parts.shapes, device, precision)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
         self.start_epoch = manifest["epoch"] if manifest else 0

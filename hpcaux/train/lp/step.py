@@ -17,20 +17,20 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
-from hpcaux.store.names import lambda_name, lambda_real_name, z_name
+from hpcaux.store.names import lambda_name, lambda_real_name
 from hpcaux.train.lp.losses import StageTerm, al_update, real_input_term, relative_gap, stage_term
 from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.modules import aux_buffers
 from hpcaux.train.lp.store import SampleStats
 from hpcaux.train.lp.step_outputs import StepOutputs
 from hpcaux.train.lp.stored_real import StoredRealInputs
+from hpcaux.train.lp.stored_z import StoredZ
 from hpcaux.train.lp.weight_stash import WeightStash
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_criterion
@@ -58,6 +58,8 @@ class LayerParallelStep:
         self.has_multipliers = cfg.lp.loss == "al" and self.out_boundary is not None
         self.has_real_multipliers = cfg.lp.loss == "al_real" and self.in_boundary is not None \
             and self.out_boundary is not None  # a middle stage
+        self.stored_z = StoredZ(store, comm, replica_group, shapes, self.in_boundary, self.out_boundary, cfg.lp.z_lr,
+                                device) if cfg.lp.aux_source == "stored" else None
         self.allreduce_values = 0
         self.epoch_stats = self.fresh_stats()
         self.weight_version: WeightStash | None = None  # this step's, shared by its kept micro-batches
@@ -75,12 +77,8 @@ class LayerParallelStep:
         Without an AuxNet a later stage's input is `real` (None until the pipeline reaches it)."""
         if self.cfg.lp.aux_source == "none":
             return (x if self.in_boundary is None else real.tensor if real is not None else None), None, {}
-        if self.auxnet is None:
-            def stored(b):
-                return self.store.read_rows(z_name(b), idx).to(self.device).requires_grad_()
-            inp = x if self.in_boundary is None else stored(self.in_boundary)
-            target = None if self.out_boundary is None else stored(self.out_boundary)
-            return inp, target, {}
+        if self.stored_z is not None:
+            return (*self.stored_z.read(x, idx), {})
         wanted = [b for b in (self.in_boundary if with_input else None, self.out_boundary) if b is not None]
         with self.precision.autocast():
             preds = self.auxnet(self.precision.input(x), wanted) if wanted else {}
@@ -158,12 +156,7 @@ class LayerParallelStep:
         sent = ((real_out, real.tensor) if beside else None) if relays else (out, inp) if primary else None
         tensors, grads = self._backward_now(terms, total, target, primary, sent, stash,
                                             real if chained else None, labels)
-        delayed = self._add_delayed(tensors, grads)
-        if tensors:
-            torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
-        for used in (stash, delayed.stash if delayed else None):
-            if used:
-                used.move_gradients()
+        delayed = self._backward(tensors, grads, stash)
         if exchange:
             exchange.return_gradient(real, delayed)
         t2 = time.perf_counter()
@@ -178,6 +171,18 @@ class LayerParallelStep:
         return StepOutputs(StageTerm.combined(terms, total), out.detach() if out is not None else None, target,
                            multiplier, inp, {"aux_s": (t1 - t0 - t_wait) + (t3 - t2), "stage_s": t2 - t1 - grad_wait,
                                              "comm_s": t_comm}, real_multiplier)
+
+    def _backward(self, tensors: list, grads: list, stash):
+        """One backward from this step's roots and what the exchange has due now
+        (_add_delayed); gradients computed at a kept weight version move to the live
+        weights. Returns the exchange's delayed gradient (None without one)."""
+        delayed = self._add_delayed(tensors, grads)
+        if tensors:
+            torch.autograd.backward(tensors, grads, retain_graph=stash is not None)
+        for used in (stash, delayed.stash if delayed else None):
+            if used:
+                used.move_gradients()
+        return delayed
 
     def _backward_into_auxnet(self, preds: dict, inp, target):
         """The gradients the stage left on its input and target, back through the AuxNet
@@ -297,8 +302,8 @@ class LayerParallelStep:
             grads = [p.grad for p in self.auxnet.parameters()]
             self.comm.allreduce(grads + buffers + [self.stop_vote.cast()], op="sum", what="allreduce AuxNet gradients")
             self.allreduce_values = sum(t.numel() for t in grads + buffers)
-        elif self.cfg.lp.aux_source == "stored":
-            self._synchronise_stored_z(inp, target, idx, rho)
+        elif self.stored_z is not None:
+            self.allreduce_values = self.stored_z.step(inp, target, idx, rho, self.stop_vote, self.epoch_stats["z"])
         else:
             self.comm.allreduce([self.stop_vote.cast()], op="sum", what="allreduce stop votes")
         self.stop_vote.collect()
@@ -307,34 +312,6 @@ class LayerParallelStep:
             self.comm.allreduce(grads, op="mean", group=self.stage_group, what="allreduce stage gradients")
             for p, g in zip(self.stage_params, grads):
                 p.grad = g
-
-    def _synchronise_stored_z(self, inp, target, idx, rho: float):
-        """Step each boundary's z of the batch with the gradients of the two stages that see it.
-
-        The two sides are preconditioned apart (docs/algorithm.md): the consistency term
-        of stage k (z is its target) by B x elements / rho, so it moves z a fraction z_lr
-        of the way to its minimiser F_k + lambda/rho; stage k+1's term (z is its input) by
-        B, so it moves z by z_lr x its per-sample gradient. Preconditioning both by
-        B x elements, as first built, multiplied stage k+1's gradient by the element count
-        (16,384 for ResNet-20 cut after block 4) and z diverged.
-        """
-        batch = len(idx)
-        grads = [torch.zeros(batch, *shape, device=self.device) for shape in self.shapes]
-        if self.in_boundary is not None:
-            grads[self.in_boundary] += inp.grad * batch
-        if self.out_boundary is not None:
-            grads[self.out_boundary] += target.grad * (batch * math.prod(self.shapes[self.out_boundary]) / rho)
-        # D = 1 in stored mode, so the replica group is the world and carries the stop vote.
-        self.comm.allreduce(grads + [self.stop_vote.cast()], op="sum", group=self.replica_group,
-                            what="allreduce stored-z gradients")
-        self.allreduce_values = sum(g.numel() for g in grads)
-        for b, t in ((self.in_boundary, inp), (self.out_boundary, target)):
-            if b is None:
-                continue
-            updated = t.detach() - self.cfg.lp.z_lr * grads[b]
-            self.store.write_rows(z_name(b), idx, updated)
-            if b == self.out_boundary:
-                self.epoch_stats["z"].add(updated)
 
     # --- 4. apply -----------------------------------------------------------------------
     def _step_multipliers(self, name: str, rows, before, residual, rho: float):

@@ -72,28 +72,6 @@ class RunStore:
                 self.store.write_collective(name, outputs.get(kind, {}).get(b))
 
 
-@torch.no_grad()
-def init_stored_z(store: AuxStore, stages, boundaries: list[int], data, batch: int, device, barrier):
-    """z_b of every training sample for the `boundaries` a rank sees, from a forward pass
-    of the initial composed network (aux_source: stored).
-
-    Every rank holds the whole initial model (same seed), so ranks k and k+1 compute the
-    same z_k without communicating; they write it to the store (its owner only, in mpio
-    mode)."""
-    for st in stages:
-        st.eval()
-    for start in range(0, data.n_train, batch):
-        idx = torch.arange(start, min(start + batch, data.n_train))
-        h = data.normalized_train(idx, device)
-        for b in range(max(boundaries) + 1):
-            h = stages[b](h)
-            if b in boundaries:
-                store.fill_rows(z_name(b), start, h)
-    for st in stages:
-        st.train()
-    store.flush(barrier)
-
-
 class SampleStats:
     """Running sum and sum of squares of the per-sample values a rank writes in an epoch."""
 
