@@ -48,6 +48,14 @@ def _report(repo, *args):
     return run([HPCAUX, "bench", "report", "--root", str(repo), *args], timeout=60)
 
 
+def _rendered(repo, spec: str) -> list[str]:
+    """The lines of docs/accuracy.md after `hpcaux bench report` with the table spec `spec`."""
+    (repo / "docs" / "tables.yaml").write_text(spec)
+    proc = _report(repo)
+    assert proc.returncode == 0, proc.stderr
+    return (repo / "docs" / "accuracy.md").read_text().splitlines()
+
+
 def test_the_report_writes_mean_std_and_the_protocol_rule_into_the_block(repo):
     assert _report(repo, "--check").returncode == 2
     proc = _report(repo)
@@ -108,7 +116,7 @@ def test_the_speed_columns_show_stages_cut_imbalances_and_time_to_the_reference_
     results["methods"]["close"].update(ranks=2, step_ms=250.4, stage_ms_per_rank=[180.2, 220.0], cuts=[4],
                                        cut_imbalance=0.051, curve=[[8.0, 0.6], [16.0, 0.72]])
     (repo / "docs" / "bench" / "a" / "results.json").write_text(json.dumps(results))
-    (repo / "docs" / "tables.yaml").write_text("""tables:
+    lines = _rendered(repo, """tables:
   seeds:
     doc: docs/accuracy.md
     columns: [samples, step, stages, cut, imbalance, reach]
@@ -116,8 +124,6 @@ def test_the_speed_columns_show_stages_cut_imbalances_and_time_to_the_reference_
       - {label: serial, method: serial, bench: a}
       - {label: close, method: close, bench: a}
 """)
-    assert _report(repo).returncode == 0
-    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
     assert "| serial | 100 | 400 | – | – | – | 20 s |" in lines
     assert "| close | 150 | 250 | 180/220 | [4] | 5.1 % / 9.9 % | 16 s |" in lines
 
@@ -132,7 +138,7 @@ def test_rows_of_several_invocations_take_each_ones_reference_and_name_its_seed(
         results["methods"]["close"]["curve"] = [[10.0, 0.5], [25.0, 0.6], [45.0, 0.7]]
     (repo / "docs" / "bench" / "a" / "results.json").write_text(json.dumps(seed0))
     (repo / "docs" / "bench" / "b" / "results.json").write_text(json.dumps(seed1))
-    (repo / "docs" / "tables.yaml").write_text("""tables:
+    lines = _rendered(repo, """tables:
   seeds:
     doc: docs/accuracy.md
     columns: [seed, speedup, late]
@@ -142,8 +148,6 @@ def test_rows_of_several_invocations_take_each_ones_reference_and_name_its_seed(
       - {label: close, method: close, bench: a}
       - {label: close, method: close, bench: b}
 """)
-    assert _report(repo).returncode == 0
-    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
     assert "| method | seed | samples/s vs serial | training s from epoch 3 |" in lines
     assert "| serial | 0 | 1.00× | – |" in lines
     assert "| close | 0 | 1.50× | 20.0 s |" in lines and "| close | 1 | 0.50× | 20.0 s |" in lines
@@ -158,6 +162,5 @@ def test_a_projection_table_comes_from_its_projection_file(repo):
     assert proc.returncode == 2 and "p/projection.json does not exist (hpcaux bench --model" in proc.stderr
     (repo / "docs" / "bench" / "p").mkdir()
     (repo / "docs" / "bench" / "p" / "projection.json").write_text(json.dumps({"rows": [row]}))
-    assert _report(repo).returncode == 0
-    lines = (repo / "docs" / "accuracy.md").read_text().splitlines()
+    lines = _rendered(repo, "tables:\n  seeds:\n    doc: docs/accuracy.md\n    projection: p\n")
     assert "| resnet56 | 32 | 128 | 4 | 13.0 | 1.22× | 2.15× | 3.30× | 1.38× |" in lines
