@@ -84,7 +84,7 @@ class ParallelConfig:
 
 @dataclass
 class CommConfig:
-    backend: str = field(default="auto", metadata={"choices": ("auto", "horovod", "torch", "mpi4py"), "help": "auto: torch.distributed (gloo) on CPUs, Horovod on GPUs where installed (docs/benchmarks.md)"})
+    backend: str = field(default="auto", metadata={"choices": ("auto", "horovod", "torch", "mpi4py"), "help": "auto: torch.distributed (gloo) on CPUs; on GPUs Horovod where installed, except for runs that send activations every step (method pipeline, lp.real_inputs by exchange), which take torch.distributed (NCCL point to point, on the device) (docs/benchmarks.md)"})
     timeout_s: float = field(default=300.0, metadata={"min_exclusive": 0.0, "help": "watchdog: a collective or send/recv that waits longer aborts the job"})
 
 

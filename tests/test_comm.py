@@ -34,7 +34,7 @@ def test_unknown_or_missing_backend_is_a_clear_error():
         create_comm("nccl")
 
 
-def test_auto_backend_is_torch_on_cpus_and_horovod_on_gpus_where_installed():
+def test_auto_backend_is_torch_on_cpus_and_horovod_on_gpus_where_installed_unless_the_run_sends_every_step():
     import torch
 
     from hpcaux.comm import resolve_backend
@@ -44,6 +44,9 @@ def test_auto_backend_is_torch_on_cpus_and_horovod_on_gpus_where_installed():
     on_gpu = "horovod" if "horovod" in installed_backends() else "torch"
     assert resolve_backend("auto", torch.device("cuda", 0)) == on_gpu
     assert resolve_backend("mpi4py", torch.device("cuda", 0)) == "mpi4py"
+    # the pipeline and the exchange send activations every step: NCCL keeps them on the device
+    assert resolve_backend("auto", torch.device("cuda", 0), sends_every_step=True) == "torch"
+    assert resolve_backend("horovod", torch.device("cuda", 0), sends_every_step=True) == "horovod"
 
 
 @pytest.mark.skipif("horovod" not in installed_backends(), reason="Horovod is not installed")

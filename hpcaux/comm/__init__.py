@@ -5,8 +5,9 @@ is a UserError naming the backend and how to get it, not an ImportError tracebac
 `auto` (the default) takes torch.distributed on CPUs, where gloo's allreduce returns as soon
 as the data is there while Horovod's background loop batches requests on a cycle, and
 gloo's threads move a point-to-point message while the rank computes where mpi4py moves
-it inside the wait (docs/benchmarks.md measures all three); and Horovod on GPUs where it
-is installed (NCCL, tensor fusion), torch.distributed (NCCL) where it is not.
+it inside the wait (docs/benchmarks.md measures all three); and on GPUs Horovod where it
+is installed (NCCL, tensor fusion) and the run sends no activations every step,
+torch.distributed (NCCL, point to point on the device) otherwise.
 """
 from __future__ import annotations
 
@@ -38,16 +39,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'hpcaux.comm' has no attribute {name!r}")
 
 
-def resolve_backend(backend: str, device: "torch.device | None") -> str:
-    """The backend `auto` stands for on this device; any other name as given."""
+def resolve_backend(backend: str, device: "torch.device | None", sends_every_step: bool = False) -> str:
+    """The backend `auto` stands for on this device; any other name as given. A run that
+    sends activations and gradients between ranks every step (the pipeline, the neighbour
+    exchange) takes torch.distributed on GPUs too: NCCL moves them device to device, where
+    Horovod has no point-to-point calls and its sends go through host memory."""
     if backend != "auto":
         return backend
     on_gpu = device is not None and device.type == "cuda"
-    return "horovod" if on_gpu and importlib.util.find_spec("horovod") else "torch"
+    return "horovod" if on_gpu and not sends_every_step and importlib.util.find_spec("horovod") else "torch"
 
 
-def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None) -> "Comm":
-    backend = resolve_backend(backend, device)
+def create_comm(backend: str, timeout_s: float = 300.0, device: "torch.device | None" = None,
+                sends_every_step: bool = False) -> "Comm":
+    backend = resolve_backend(backend, device, sends_every_step)
     if backend not in REQUIRES:
         raise UserError(f"unknown comm backend '{backend}' (choose from {', '.join(REQUIRES)})")
     module, how = REQUIRES[backend]
