@@ -142,8 +142,7 @@ def _train_distributed(cfg, run_dir: Path, device, args, stop) -> dict:
     from hpcaux.comm import create_comm
     from hpcaux.train.baselines import DataParallelTrainer, PipelineTrainer
     from hpcaux.train.layer_parallel import LayerParallelTrainer
-    sends = cfg.method == "pipeline" or (cfg.method == "layer_parallel" and cfg.lp.real_inputs != "none"
-                                         and cfg.lp.real_source == "exchange")
+    sends = cfg.method == "pipeline" or (cfg.method == "layer_parallel" and cfg.lp.exchanges)
     comm = create_comm(cfg.comm.backend, cfg.comm.timeout_s, device, sends_every_step=sends)
     # Rank 0 alone inspects the run directory; every rank learns the verdict, so all exit alike.
     problem = None

@@ -117,6 +117,12 @@ class LayerParallelConfig:
     finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches), on the same learning-rate schedule and stage optimisers"})
 
 
+    @property
+    def exchanges(self) -> bool:
+        """Whether real inputs travel between neighbouring ranks by message, every step
+        (lp.real_inputs with real_source exchange): the neighbour exchange, or the pipeline."""
+        return self.real_inputs != "none" and self.real_source == "exchange"
+
 @dataclass
 class StoreConfig:
     """RUN/aux.h5 (docs/design.md §4)."""

@@ -74,7 +74,6 @@ class LayerParallelTrainer:
         if cfg.store.probe_size > held_out:
             raise UserError(f"config key 'store.probe_size' ({cfg.store.probe_size}) exceeds the "
                             f"{held_out} held-out images it is drawn from")
-        exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
         precision = Precision(cfg.train, device)
         self.parts, stages = build_stage_parts(cfg, comm, lay, self.data, device, precision,
                                                cuts=manifest["cuts"] if manifest else None)
@@ -85,7 +84,7 @@ class LayerParallelTrainer:
         self.resumed_exchange = None
         if self.resume_from is not None:  # before the store is opened: a bad checkpoint touches nothing
             comm.agree(lambda: parts.load(self.resume_from, device), "restoring the checkpoint")
-            if exchanges:
+            if cfg.lp.exchanges:
                 self.resumed_exchange = comm.agree(lambda: restore_exchange(lay, self.resume_from, manifest, device),
                                                    "restoring the neighbour exchange")
         if create_run is not None:
@@ -100,7 +99,7 @@ class LayerParallelTrainer:
         exchange = NeighbourExchange(comm, lay, parts.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                           cfg.lp.delayed_grad, (parts.stage, parts.local_head),
                                           chained=cfg.lp.aux_source == "none", relay=cfg.lp.relay) \
-            if exchanges else None
+            if cfg.lp.exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
             if cfg.lp.real_source == "store" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=parts.stage, local_head=parts.local_head,

@@ -80,8 +80,7 @@ def build_stage_parts(cfg: Config, comm, layout: Layout, data, device: torch.dev
     seed_everything(cfg.seed)
     model = build_model(cfg.model.arch, data.num_classes).to(device)
     precision.prepare(model)  # the cut is timed in the run's memory format
-    exchanges = cfg.lp.real_inputs != "none" and cfg.lp.real_source == "exchange"
-    in_flight = graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if exchanges else 0
+    in_flight = graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if cfg.lp.exchanges else 0
     partition = agree_on_partition(
         cfg.parallel, comm, model, cut_timing_sample(data, device, cfg.train.batch_size // cfg.lp.microbatches),
         s, precision.forward, cfg.lp.boundary_norm, cuts=cuts, in_flight=in_flight)

@@ -95,10 +95,9 @@ def plan_of(lp, K: int, steps: int) -> Plan:
     plays it; step.py and exchange.py run it): the pipeline without an AuxNet, the AuxNet
     with the neighbour exchange, or the AuxNet objective alone (stored real inputs send
     nothing)."""
-    exchanges = lp.real_inputs != "none" and lp.real_source == "exchange"
     if lp.aux_source == "none":
         return Plan("chained", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad)
-    if exchanges:
+    if lp.exchanges:
         return Plan("exchange", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad, lp.relay)
     return Plan("auxnet", K, steps, lp.microbatches)
 
@@ -115,7 +114,7 @@ def gradient_delays_in_steps(lp, K: int) -> list[float]:
     output is applied, for the run's `lp` config (recorded in RUN/aux.h5): delay ticks / M;
     0 on the last stage; NaN where no gradient returns (the AuxNet objective alone, stored
     real inputs, lp.delayed_grad none)."""
-    returns = lp.real_inputs != "none" and lp.real_source == "exchange" and lp.delayed_grad != "none"
+    returns = lp.exchanges and lp.delayed_grad != "none"
     chained = lp.aux_source == "none"
     return [math.nan if not returns else 0.0 if k == K - 1 else gradient_delay(K, k, chained) / lp.microbatches
             for k in range(K)]
