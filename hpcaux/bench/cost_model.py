@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hpcaux.bench.methods import method_overrides
-from hpcaux.bench.spec import load_bench
+from hpcaux.bench.spec import BenchSpec, load_bench
 from hpcaux.bench.timetable_model import ActionCosts, actions_per_step, step_time
 from hpcaux.config import load_config
 from hpcaux.data.sets import image_size
@@ -47,10 +47,9 @@ KS = (2, 4, 8, 16)
 PROJECTED_MICROBATCHES = 4
 
 
-def method_config(results: dict, name: str):
-    """The config a bench row ran, from the bench file its command names and the bench's
-    overrides (None where that file no longer lists the method, or the method used a
-    setting since retired)."""
+def bench_spec(results: dict) -> BenchSpec | None:
+    """The bench file a results file's command names, at the K it ran (None where that
+    file is gone)."""
     found = re.search(r"--config (\S+)", results["command"])
     if not found:
         return None
@@ -60,6 +59,13 @@ def method_config(results: dict, name: str):
         return None
     spec = load_bench(path)
     spec.K = results["K"]
+    return spec
+
+
+def method_config(spec: BenchSpec, results: dict, name: str):
+    """The config a bench row ran, from its bench file and the bench's overrides (None
+    where that file no longer lists the method, or the method used a setting since
+    retired)."""
     try:
         method = spec.method(name)
     except KeyError:
@@ -91,27 +97,27 @@ def _split(total: float, forwards: float, backwards: float) -> tuple[float, floa
 def measured_costs(plan: Plan, rec: dict, values: list[int], batch: int) -> ActionCosts:
     """A bench row's per-rank times as the cost of each action of its timetable."""
     K, micro = plan.K, batch // plan.microbatches
-    fwd, bwd, aux_f, aux_b = [], [], [], []
+    stage, aux = [], []   # per rank: (forward, backward) of the stage, of the AuxNet
     for k in range(K):
         n = actions_per_step(plan, k)
-        f, b = _split(rec["stage_ms_per_rank"][k], n["forward"], n["backward"])
-        af, ab = _split(rec["aux_ms_per_rank"][k], n["aux_forward"], n["aux_backward"])
-        fwd, bwd, aux_f, aux_b = fwd + [f], bwd + [b], aux_f + [af], aux_b + [ab]
+        stage.append(_split(rec["stage_ms_per_rank"][k], n["forward"], n["backward"]))
+        aux.append(_split(rec["aux_ms_per_rank"][k], n["aux_forward"], n["aux_backward"]))
+    (fwd, bwd), (aux_f, aux_b) = zip(*stage), zip(*aux)
     comm = rec["comm_ms_per_rank"]
     overhead = [max(0.0, step - stage - aux - c) for step, stage, aux, c in
                 zip(rec["step_ms_per_rank"], rec["stage_ms_per_rank"], rec["aux_ms_per_rank"], comm)]
     messages = [4 * v * micro / CPU_LINK_BPS * 1e3 for v in values]
-    return ActionCosts(tuple(fwd), tuple(bwd), tuple(aux_f), tuple(aux_b), tuple(messages), min(comm), tuple(overhead))
+    return ActionCosts(fwd, bwd, aux_f, aux_b, tuple(messages), min(comm), tuple(overhead))
 
 
 def measured_vs_predicted(results: dict) -> list[dict]:
     """For each layer-parallel row of a bench without a fine-tune: the step time its
     timetable gives from the row's own per-rank times, against the measured one."""
-    rows = []
+    rows, spec = [], bench_spec(results)
     for name, rec in results["methods"].items():
         if "error" in rec or rec.get("ranks", 1) < 2 or not rec.get("stage_ms_per_rank") or rec.get("finetune_s"):
             continue
-        cfg = method_config(results, name)
+        cfg = method_config(spec, results, name) if spec else None
         if cfg is None or cfg.method != "layer_parallel":
             continue
         steps = (results["train_subset"] or 50000) // results["batch_size"]
@@ -124,8 +130,13 @@ def measured_vs_predicted(results: dict) -> list[dict]:
                      "error": predicted.step_ms / rec["step_ms"] - 1, "fill_drain_ms": predicted.fill_drain_ms,
                      "predicted_wait_ms": predicted.wait_ms, "measured_wait_ms": [c - min(comm) for c in comm],
                      "imbalance_timed": rec.get("cut_imbalance"),
-                     "imbalance_trained": max(stages) / (sum(stages) / len(stages)) - 1})
+                     "imbalance_trained": stage_imbalance(stages)})
     return rows
+
+
+def stage_imbalance(stages: list[float]) -> float:
+    """The slowest stage over the mean stage, minus one."""
+    return max(stages) / (sum(stages) / len(stages)) - 1
 
 
 def aux_scale(results: dict, width: int, depth: int) -> float:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from hpcaux.bench.cost_model import measured_vs_predicted
-from hpcaux.bench.report import per_rank, projection_table, results_table, time_to_accuracy
+from hpcaux.bench.cost_model import measured_vs_predicted, stage_imbalance
+from hpcaux.bench.report import imbalance_cell, per_rank, projection_table, results_table, time_to_accuracy
 from hpcaux.errors import UserError
 
 BLOCK = re.compile(r"(<!-- table (?P<name>[\w-]+)[^>]*-->\n)(?P<body>.*?)(<!-- end table -->)", re.S)
@@ -178,8 +178,7 @@ def _cost(table: Table, row: Row, column: str) -> str:
         return str(rec["cuts"]) if rec.get("cuts") else "–"
     if not stages or rec.get("cut_imbalance") is None:
         return "–"
-    trained = max(stages) / (sum(stages) / len(stages)) - 1
-    return f"{100 * rec['cut_imbalance']:.1f} % / {100 * trained:.1f} %"
+    return imbalance_cell(rec["cut_imbalance"], stage_imbalance(stages))
 
 
 def _model(table: Table, row: Row, column: str) -> str:

@@ -70,12 +70,14 @@ def model_table(results: dict) -> str:
         lines.append(f"| {r['method']} | {r['timetable']}, {r['microbatches']} | {per_rank(r['stage_ms'])} | "
                      f"{r['predicted_step_ms']:.0f} | {r['measured_step_ms']:.0f} | {100 * r['error']:+.1f} % | "
                      f"{per_rank(r['predicted_wait_ms'])} | {per_rank(r['measured_wait_ms'])} | {r['fill_drain_ms']:.0f} | "
-                     f"{_imbalance(r['imbalance_timed'])} / {_imbalance(r['imbalance_trained'])} |")
+                     f"{imbalance_cell(r['imbalance_timed'], r['imbalance_trained'])} |")
     return "\n".join(lines)
 
 
-def _imbalance(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f} %"
+def imbalance_cell(timed: float | None, trained: float) -> str:
+    """The cut's imbalance (slowest stage over the mean) as timed before training and as
+    trained, in per cent."""
+    return f"{'–' if timed is None else f'{100 * timed:.1f} %'} / {100 * trained:.1f} %"
 
 
 PROJECTED_LABELS = {"gpipe": "GPipe", "pipeline": "pipeline (K = 2 default)", "auxnet": "AuxNet alone",
