@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the gpu-marked tests (ranks on the GPU with torch.distributed/NCCL,
-# composed evaluation against one process, a GPU checkpoint resumed on the CPU) and a
+# composed evaluation against one process, the shipped K = 2 and K = 4 pipeline configs
+# sending on the device with their host trips counted, a GPU checkpoint resumed on the CPU) and a
 # short bench (serial against layer-parallel K=2 and K=4 on ResNet-56, batch 128, with and
 # without bf16 autocast and channels_last); writes OUT/results.json. About 8 minutes on one GPU.
 #   scripts/gpu_check.sh [--cpu] [OUT]      (OUT defaults to gpu_check/)
@@ -24,7 +25,7 @@ fi
 data_root=${HPCAUX_DATA:-data}
 
 set +e
-HPCAUX_CHECK_DEVICE=$device python -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider \
+HPCAUX_CHECK_DEVICE=$device HPCAUX_CHECK_OUT=$out python -m pytest tests/test_gpu.py -m gpu -q -p no:cacheprovider \
   --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 tests_status=$?
 set -e
@@ -47,8 +48,11 @@ for K in (2, 4):
     for m in bench["methods"].values():
         rows.append({"K": K, "method": m["method"], "samples_per_s": m["samples_per_s"], "test_acc": m["test_acc"],
                      "peak_mem_mb_per_rank": m["peak_mem_mb_per_rank"]})
-result = {"device": device, "tests": tests, "tests_passed": status == 0, "bench": rows,
-          "not_covered": ["CUDA graphs"]}
+shipped = [{"config": path.name[:-len("_summary.json")] + ".yaml", **{k: s[k] for k in (
+               "K", "backend", "transport", "host_trips_per_rank", "train_samples_per_s")}}
+           for path in sorted(out.glob("*_summary.json")) for s in [json.loads(path.read_text())]]
+result = {"device": device, "tests": tests, "tests_passed": status == 0, "shipped_pipelines": shipped,
+          "bench": rows, "not_covered": ["CUDA graphs"]}
 (out / "results.json").write_text(json.dumps(result, indent=1))
 print(json.dumps(result, indent=1))
 sys.exit(0 if status == 0 else 1)

@@ -57,3 +57,20 @@ def test_horovod_backend_under_horovodrun_gloo():
     proc = check(run(["horovodrun", "-np", "2", "-H", "localhost:2", "--gloo", "python",
                       str(SCRIPTS / "check_comm.py"), "horovod"], timeout=180))
     assert proc.stdout.count("comm checks passed (horovod, 2 ranks)") == 2
+
+
+def test_a_device_tensor_staged_through_host_memory_is_counted_and_nothing_else_is():
+    """Comm._staged is where every backend moves a tensor to the memory it sends from: a
+    device tensor given a host buffer counts one host trip; a tensor already there is used
+    as it is, and a host tensor copied to a device (an NCCL collective of host-born
+    statistics) is no trip through the host. (The meta device stands in for a GPU.)"""
+    import torch
+
+    from hpcaux.comm.loopback import LoopbackComm, LoopbackWorld
+
+    comm, host, device = LoopbackComm(LoopbackWorld(1), 0), torch.device("cpu"), torch.device("meta")
+    on_host = torch.ones(3)
+    assert comm._staged(on_host, host) is on_host and comm.host_trips == 0
+    assert comm._staged(on_host, device).device == device and comm.host_trips == 0
+    staged = comm._staged(torch.empty(3, device=device), host, fill=False)
+    assert staged.device == host and staged.shape == (3,) and comm.host_trips == 1

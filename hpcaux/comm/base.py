@@ -26,6 +26,8 @@ class Group:
 
 class Comm(abc.ABC):
     name = "base"
+    host_trips = 0   # device tensors staged through host memory to be moved (see _staged)
+    transport = "none"  # what moves the point-to-point messages (nccl, gloo, mpi)
 
     def __init__(self, rank: int, size: int, local_rank: int, timeout_s: float):
         self.rank, self.size, self.local_rank = rank, size, local_rank
@@ -60,6 +62,18 @@ class Comm(abc.ABC):
 
     def finalize(self):
         """Release backend resources; the default has none."""
+
+    def _staged(self, tensor: torch.Tensor, device: torch.device, fill: bool = True) -> torch.Tensor:
+        """`tensor` itself when it is on `device` (where the backend moves data), else a
+        buffer there: a copy of it (`fill`), or an empty one for a receive. A device tensor
+        staged in host memory is counted in `host_trips` (summary.json's
+        host_trips_per_rank): with NCCL the pipeline's sends make none, and a test checks it.
+        (Host-born statistics copied to the GPU for an NCCL collective are not counted.)"""
+        if tensor.device == device:
+            return tensor
+        if device.type == "cpu":
+            self.host_trips += 1
+        return tensor.to(device) if fill else torch.empty_like(tensor, device=device)
 
     # --- the interface -----------------------------------------------------------------
     def new_group(self, ranks) -> Group:

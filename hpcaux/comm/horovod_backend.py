@@ -17,42 +17,46 @@ import torch
 
 from hpcaux.comm import launch
 from hpcaux.comm.base import Comm, Group, StagedRequest
-from hpcaux.comm.mpi4py_backend import mpi_irecv, mpi_isend
+from hpcaux.comm.mpi4py_backend import HOST, mpi_irecv, mpi_isend
 
 
 CPU_POLLING_DEFAULTS = {"HOROVOD_CYCLE_TIME": "20", "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
 class _MpiPointToPoint:
-    def __init__(self):
+    """Sends over the MPI world; `stage` is the Comm's counted host staging (Comm._staged)."""
+
+    def __init__(self, stage):
         from mpi4py import MPI
 
-        self.MPI = MPI
+        self.MPI, self.stage = MPI, stage
 
     def send(self, tensor, dst):
-        self.MPI.COMM_WORLD.Send(tensor.detach().cpu().numpy(), dest=dst)
+        self.MPI.COMM_WORLD.Send(self.stage(tensor.detach(), HOST).numpy(), dest=dst)
 
     def recv(self, tensor, src):
-        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        host = self.stage(tensor, HOST, fill=False)
         self.MPI.COMM_WORLD.Recv(host.numpy(), source=src)
         if host is not tensor:
             tensor.copy_(host)
 
     def isend(self, tensor, dst):
-        return mpi_isend(self.MPI.COMM_WORLD, tensor, dst)
+        return mpi_isend(self.MPI.COMM_WORLD, self.stage(tensor, HOST), dst)
 
     def irecv(self, tensor, src):
-        return mpi_irecv(self.MPI.COMM_WORLD, tensor, src)
+        return mpi_irecv(self.MPI.COMM_WORLD, self.stage(tensor, HOST, fill=False), tensor, src)
 
     def abort(self, code):
         self.MPI.COMM_WORLD.Abort(code)
 
 
 class _GlooPointToPoint:
-    def __init__(self, hvd, timeout_s):
+    """Sends over a torch.distributed gloo group (host memory); `stage` as above."""
+
+    def __init__(self, hvd, timeout_s, stage):
         import torch.distributed as dist
 
-        self.dist = dist
+        self.dist, self.stage = dist, stage
         address = None
         if hvd.rank() == 0:
             with socket.socket() as s:
@@ -63,20 +67,20 @@ class _GlooPointToPoint:
                                 world_size=hvd.size(), timeout=datetime.timedelta(seconds=timeout_s + 60))
 
     def send(self, tensor, dst):
-        self.dist.send(tensor.detach().cpu(), dst)
+        self.dist.send(self.stage(tensor.detach(), HOST), dst)
 
     def recv(self, tensor, src):
-        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        host = self.stage(tensor, HOST, fill=False)
         self.dist.recv(host, src)
         if host is not tensor:
             tensor.copy_(host)
 
     def isend(self, tensor, dst):
-        host = tensor.detach().cpu()
+        host = self.stage(tensor, HOST)
         return StagedRequest(self.dist.isend(host, dst).wait, host)
 
     def irecv(self, tensor, src):
-        host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        host = self.stage(tensor, HOST, fill=False)
         return StagedRequest(self.dist.irecv(host, src).wait, host, tensor)
 
     def abort(self, code):
@@ -100,7 +104,8 @@ class HorovodComm(Comm):
 
         self.hvd = hvd
         hvd.init(process_sets="dynamic")
-        self.p2p = _MpiPointToPoint() if over_mpi else _GlooPointToPoint(hvd, timeout_s)
+        self.p2p = _MpiPointToPoint(self._staged) if over_mpi else _GlooPointToPoint(hvd, timeout_s, self._staged)
+        self.transport = "mpi" if over_mpi else "gloo"
         super().__init__(hvd.rank(), hvd.size(), hvd.local_rank(), timeout_s)
         self.world.handle = hvd.global_process_set
         self._ops: dict = {}

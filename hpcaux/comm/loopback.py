@@ -93,6 +93,7 @@ class _Sent:
 
 class LoopbackComm(Comm):
     name = "loopback"
+    transport = "memory"
 
     def __init__(self, world: LoopbackWorld, rank: int, timeout_s: float = 120.0):
         super().__init__(rank, world.size, rank, timeout_s)

@@ -5,25 +5,22 @@ import torch
 
 from hpcaux.comm.base import Comm, Group, StagedRequest
 
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    return t if t.device.type == "cpu" else t.cpu()
+HOST = torch.device("cpu")
 
 
-def mpi_isend(mpi_comm, tensor: torch.Tensor, dst: int) -> StagedRequest:
-    """A non-blocking MPI send of a tensor (through host memory); also Horovod's."""
-    host = _host(tensor.detach())
+def mpi_isend(mpi_comm, host: torch.Tensor, dst: int) -> StagedRequest:
+    """A non-blocking MPI send of a host tensor (a device one staged by the caller); also Horovod's."""
     return StagedRequest(mpi_comm.Isend(host.numpy(), dest=dst).Wait, host)
 
 
-def mpi_irecv(mpi_comm, tensor: torch.Tensor, src: int) -> StagedRequest:
-    """A non-blocking MPI receive into a tensor (staged through host memory); also Horovod's."""
-    host = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+def mpi_irecv(mpi_comm, host: torch.Tensor, tensor: torch.Tensor, src: int) -> StagedRequest:
+    """A non-blocking MPI receive into `host`, copied into `tensor` on wait; also Horovod's."""
     return StagedRequest(mpi_comm.Irecv(host.numpy(), source=src).Wait, host, tensor)
 
 
 class Mpi4pyComm(Comm):
     name = "mpi4py"
+    transport = "mpi"
 
     def __init__(self, timeout_s: float):
         from mpi4py import MPI
@@ -39,31 +36,31 @@ class Mpi4pyComm(Comm):
         return self.comm.Split(0 if self.rank in ranks else self.MPI.UNDEFINED, key=self.rank)
 
     def _allreduce_sum(self, flat, group: Group):
-        host = _host(flat)
+        host = self._staged(flat, HOST)
         group.handle.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self.MPI.SUM)
         if host is not flat:
             flat.copy_(host)
 
     def _broadcast(self, flat, root, group: Group):
-        host = _host(flat)
+        host = self._staged(flat, HOST)
         group.handle.Bcast(host.numpy(), root=group.ranks.index(root))
         if host is not flat:
             flat.copy_(host)
 
     def _send(self, tensor, dst):
-        self.comm.Send(_host(tensor).numpy(), dest=dst)
+        self.comm.Send(self._staged(tensor, HOST).numpy(), dest=dst)
 
     def _recv(self, tensor, src):
-        host = _host(tensor)
+        host = self._staged(tensor, HOST, fill=False)
         self.comm.Recv(host.numpy(), source=src)
         if host is not tensor:
             tensor.copy_(host)
 
     def _isend(self, tensor, dst):
-        return mpi_isend(self.comm, tensor, dst)
+        return mpi_isend(self.comm, self._staged(tensor, HOST), dst)
 
     def _irecv(self, tensor, src):
-        return mpi_irecv(self.comm, tensor, src)
+        return mpi_irecv(self.comm, self._staged(tensor, HOST, fill=False), tensor, src)
 
     def abort(self, code: int = 1):
         self.comm.Abort(code)

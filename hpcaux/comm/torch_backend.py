@@ -45,7 +45,7 @@ class TorchComm(Comm):
         rank, size = launch.world_rank(), launch.world_size()
         addr, port = _rendezvous_address() if size > 1 else ("127.0.0.1", "0")
         self.device = device
-        backend = "nccl" if _own_gpu(device) else "gloo"
+        backend = self.transport = "nccl" if _own_gpu(device) else "gloo"
         # gloo moves CPU tensors (its CUDA support does not cover send/recv): tensors of a
         # GPU rank that shares its GPU travel through host memory.
         self.wire = device if backend == "nccl" else torch.device("cpu")
@@ -54,9 +54,9 @@ class TorchComm(Comm):
                                     world_size=size, timeout=datetime.timedelta(seconds=timeout_s + 60))
         super().__init__(rank, size, launch.local_rank(), timeout_s)
 
-    def _on_device(self, t):
-        """`t`, or a copy on the device the collectives run on."""
-        return t if t.device == self.wire else t.to(self.wire)
+    def _on_device(self, t, fill: bool = True):
+        """`t`, or a (counted) buffer on the device the messages move on."""
+        return self._staged(t, self.wire, fill)
 
     def _new_group(self, ranks):
         return dist.new_group(ranks) if self.size > 1 else None
@@ -77,7 +77,7 @@ class TorchComm(Comm):
         dist.send(self._on_device(tensor), dst)
 
     def _recv(self, tensor, src):
-        buf = self._on_device(tensor)
+        buf = self._on_device(tensor, fill=False)
         dist.recv(buf, src)
         if buf is not tensor:
             tensor.copy_(buf)
@@ -87,7 +87,7 @@ class TorchComm(Comm):
         return StagedRequest(dist.isend(buf, dst).wait, buf)
 
     def _irecv(self, tensor, src):
-        buf = self._on_device(tensor)
+        buf = self._on_device(tensor, fill=False)
         return StagedRequest(dist.irecv(buf, src).wait, buf, tensor)
 
     def abort(self, code: int = 1):

@@ -75,7 +75,7 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
     wall, layer-parallel and fine-tune seconds."""
     cfg, lay, comm = trainer.cfg, trainer.layout, trainer.comm
     ranks = comm.gather_per_rank({**{k: timers.get(k, 0.0) / max(steps_done, 1) for k in TIMERS},
-                                  "peak_mem_mb": peak_mem_mb})
+                                  "peak_mem_mb": peak_mem_mb, "host_trips": comm.host_trips})
     train_s = times["train_s"]
     return {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
             "K": lay.K, "D": lay.D, **trainer.parts.partition.summary(), "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
@@ -89,6 +89,7 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
             "aux_fraction_of_stage": (ranks["aux_s"] / ranks["stage_s"].clamp(min=1e-12)).max().item(),
             "peak_mem_mb_per_rank": ranks["peak_mem_mb"].tolist(),
             "allreduce_values_per_step": trainer.step.allreduce_values,
-            "threads": torch.get_num_threads(), "backend": comm.name, "store_mode": trainer.store.mode,
+            "threads": torch.get_num_threads(), "backend": comm.name, "transport": comm.transport,
+            "host_trips_per_rank": [int(n) for n in ranks["host_trips"]], "store_mode": trainer.store.mode,
             **trainer.step.precision.summary(),
             "device": str(trainer.device), "placement": lay.placement(trainer.hosts)}
