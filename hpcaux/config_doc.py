@@ -4,6 +4,7 @@
 """
 
 from hpcaux.config import FOLDED, RETIRED, Config, all_keys
+from hpcaux.config_rules import INERT_UNLESS
 
 
 def _describe(f) -> str:
@@ -31,6 +32,11 @@ def render_reference() -> str:
             value = getattr(value, part)
         name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
         lines.append(f"| `{key}` | {name} | `{value}` | {_describe(f)} |")
+    lines += ["", "Keys that act only under another setting: in a layer-parallel config, a value other than",
+              "the default where the key does nothing is an error naming it (a serial run ignores the",
+              "lp and auxnet sections, which a bench's base config shares with its layer-parallel rows):", ""]
+    for key, _, needs in INERT_UNLESS:
+        lines.append(f"* `{key}`{' (every key of the section)' if '.' not in key else ''}: needs {needs}.")
     lines += ["", "Keys no longer in the table (docs/results.md says why), still read from older configs and",
               "run directories:", ""]
     for key, target in FOLDED.items():

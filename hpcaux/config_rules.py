@@ -3,6 +3,7 @@
 Each broken rule is one UserError naming the key and what it needs."""
 from __future__ import annotations
 
+import functools
 import typing
 
 from hpcaux.errors import UserError
@@ -16,6 +17,43 @@ def check_consistency(cfg: Config):
     """Raise a UserError naming the first key whose value contradicts another's."""
     _check_layer_parallel_keys(cfg)
     _check_method_model_and_data(cfg)
+    _check_inert_keys(cfg)
+
+
+def _has_auxiliary_target(cfg: Config) -> bool:
+    return cfg.lp.aux_source != "none"
+
+
+# Keys (or a whole section) that do nothing unless a condition holds: (key, condition,
+# what it needs). A value other than the default where the condition fails is a setting
+# that would be ignored in silence, and a run that reads as a measurement of it.
+INERT_UNLESS = (
+    ("lp.z_lr", lambda cfg: cfg.lp.aux_source == "stored", "lp.aux_source stored (it steps stored z)"),
+    ("lp.rho0", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's weight)"),
+    ("lp.rho_growth", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's growth)"),
+    ("lp.rho_max", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's cap)"),
+    ("lp.local_head", lambda cfg: cfg.lp.local_cls_weight > 0, "lp.local_cls_weight > 0 (a local classifier)"),
+    ("auxnet", lambda cfg: cfg.lp.aux_source == "auxnet", "lp.aux_source auxnet (no AuxNet is built otherwise)"),
+)
+
+
+def _check_inert_keys(cfg: Config):
+    """A key set to a non-default value where it does nothing is an error naming it.
+    Layer-parallel runs only: a bench derives its serial rows from the same base config as
+    its layer-parallel ones, so a serial run ignores the lp and auxnet sections by design."""
+    if cfg.method != "layer_parallel":
+        return
+    from hpcaux.config import all_keys
+
+    defaults = type(cfg)()
+    for name, condition, needs in INERT_UNLESS:
+        if condition(cfg):
+            continue
+        for key in (k for k in all_keys() if k == name or k.startswith(name + ".")):
+            value = functools.reduce(getattr, key.split("."), cfg)
+            if value != functools.reduce(getattr, key.split("."), defaults):
+                raise UserError(f"config key '{key}' ({value}) does nothing in this config: it needs {needs}; "
+                                f"remove it or set what it needs")
 
 
 def _check_layer_parallel_keys(cfg: Config):

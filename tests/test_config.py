@@ -59,7 +59,24 @@ BAD = [
     (["method=serial"], "config key 'parallel.K' must be 1 for method: serial"),
     (["lp.finetune_schedule=restart"], "config key 'lp.finetune_schedule' was retired: only continue remains"),
     (["lp.delayed_grad=replay"], "config key 'lp.delayed_grad' must be one of none, keep, fused; got 'replay'"),
+    # a key that would do nothing here: an error naming it, not silence
+    (["lp.z_lr=0.2"], "config key 'lp.z_lr' (0.2) does nothing in this config: it needs lp.aux_source stored"),
+    (["lp.local_cls_weight=0", "lp.local_head=conv"],
+     "config key 'lp.local_head' (conv) does nothing in this config: it needs lp.local_cls_weight > 0"),
+    (["lp.aux_source=none", "lp.real_inputs=only", "auxnet.width=16"],
+     "config key 'auxnet.width' (16) does nothing in this config: it needs lp.aux_source auxnet"),
+    (["lp.aux_source=none", "lp.real_inputs=only", "lp.rho_growth=1.5"],
+     "config key 'lp.rho_growth' (1.5) does nothing in this config: it needs an auxiliary target"),
 ]
+
+
+def test_a_key_at_its_default_or_where_it_acts_is_no_error():
+    """Only a changed value of an inert key is refused: the shipped K = 2 config writes
+    lp.loss penalty (the default) beside lp.aux_source none, and a serial run ignores
+    the AuxNet section of the base config a bench derives it from."""
+    assert load_config(K2, ["lp.aux_source=none", "lp.real_inputs=only", "auxnet.width=32"]).auxnet.width == 32
+    assert load_config(K2, ["method=serial", "parallel.K=1", "parallel.cuts=[]", "auxnet.width=8"]).method == "serial"
+    assert load_config(K2, ["lp.local_head=conv"]).lp.local_head == "conv"
 
 
 def test_a_folded_key_sets_the_key_it_was_folded_into():

@@ -2,8 +2,8 @@
 
 Rank r owns stage r mod K of replica r div K. The trainer wires a rank's pieces and runs
 the epochs; the pieces live in hpcaux.train.lp: the step (lp.step), the fine-tune step
-(lp.finetune), held-out metrics (lp.metrics), epoch records and the summary
-(lp.records), the run's store view (lp.store) and checkpoints (lp.checkpoint). Both
+(lp.finetune), held-out metrics (lp.metrics), epoch records and the summary (lp.records),
+the store view (lp.store), epoch ends and checkpoints (lp.saving, lp.checkpoint). Both
 phases run the shared epoch loop (hpcaux.train.loop). Evaluation is always the true
 composition, run across the ranks by lp.composed.
 """
@@ -18,42 +18,27 @@ import torch
 
 from hpcaux.comm import Comm
 from hpcaux.config import Config
-from hpcaux.config_rules import check_layer_parallel_world
 from hpcaux.data.sets import load_data
 from hpcaux.errors import UserError
-from hpcaux.models import block_count
-from hpcaux.models.partition import check_stage_count
-from hpcaux.store.aux_store import open_store_for_run, store_mode
+from hpcaux.store.aux_store import open_store_for_run
 from hpcaux.train.loop import EpochLoop, LrSchedule, sync_interval
-from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange, save_run
+from hpcaux.train.lp.checkpoint import read_resume_manifest, restore_exchange
 from hpcaux.train.lp.composed import StageChain
 from hpcaux.train.lp.exchange import NeighbourExchange
 from hpcaux.train.lp.finetune import FinetuneParts, FinetuneStep
 from hpcaux.train.lp.metrics import HeldOutMetrics
-from hpcaux.train.lp.parts import build_stage_parts
-from hpcaux.train.lp.records import TIMERS, epoch_line, finetune_record, layer_parallel_record, run_summary
+from hpcaux.train.lp.parts import build_stage_parts, checked_layout
+from hpcaux.train.lp.records import TIMERS, finetune_record, layer_parallel_record, run_summary
+from hpcaux.train.lp.saving import RunSaver
 from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.lp.store import RunStore
 from hpcaux.train.lp.stored_real import StoredRealInputs
-from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.progress import Progress
-from hpcaux.train.run.rundir import MetricsLog, discard_set_aside, write_json
+from hpcaux.train.run.rundir import MetricsLog, write_json
 from hpcaux.train.run.runtime import peak_memory_mb
 from hpcaux.train.run.schedules import rho_at_epoch
 from hpcaux.train.run.stop_request import NonFiniteLoss, StopPoint, StoppedBySignal, StopRequest, StopVote
-
-
-def _checked_layout(cfg: Config, comm: Comm) -> Layout:
-    """This rank's place in K stages x D replicas, after the checks that depend on it
-    (K against the model first: the world size follows from K)."""
-    K = cfg.parallel.K
-    if K < 2:
-        raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
-    check_stage_count(K, block_count(cfg.model.arch))
-    lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
-    check_layer_parallel_world(cfg, lay.D, store_mode(cfg.store.mode))
-    return lay
 
 
 class LayerParallelTrainer:
@@ -62,7 +47,7 @@ class LayerParallelTrainer:
         """Every start-up check runs before `create_run()` (rank 0) writes the run directory."""
         self.cfg, self.run_dir, self.comm, self.device = cfg, run_dir, comm, device
         K = cfg.parallel.K
-        self.layout = lay = _checked_layout(cfg, comm)
+        self.layout = lay = checked_layout(cfg, comm)
         s = lay.stage
         comm.watchdog.context.update(stage=s, replica=lay.replica)
         self.hosts = comm.gather_text(socket.gethostname())
@@ -111,6 +96,7 @@ class LayerParallelTrainer:
             self.step.stored_z.initialise(stages, self.data, cfg.train.eval_batch_size, comm.barrier)
         self.chain = StageChain(comm, lay, parts.stage, parts.shapes, device, precision)
         self.metrics = HeldOutMetrics(self.step, self.chain, comm, self.data, cfg, lay, device)
+        self.saver = RunSaver(run_dir, comm, cfg, parts, self.store, self.run_store, self.metrics.probe_outputs)
         self.start_epoch = manifest["epoch"] if manifest else 0
         # A checkpoint taken on a signal sits inside an epoch: skip the steps it already made
         # (and continue the neighbour exchange from what was in flight, resumed_exchange).
@@ -167,7 +153,7 @@ class LayerParallelTrainer:
             self.store.close(self.comm.barrier)
             return {"stopped_after_epoch": last_epoch}
         final = self.metrics(cfg.data.test_subset, "test")
-        self.save("final", last_epoch, "done")
+        self.saver.save("final", last_epoch, "done")
         self.store.close(self.comm.barrier)
         timers = {k: sum(t.sums[k] for t in lp_totals) for k in TIMERS}
         times = {"wall_s": time.perf_counter() - started, "train_s": sum(t.seconds for t in lp_totals),
@@ -188,7 +174,8 @@ class LayerParallelTrainer:
                          self.lr_schedule(), lambda x, y, idx: self.step(x, y, idx, rho),
                          progress, self.comm.watchdog.context,
                          describe=lambda e, v: f"ep {e + 1} stage {lay.stage + 1} loss {v['loss']:.3f}",
-                         stop=StopPoint(lambda e, s: self._settle_and_save(f"stop_step_{e * steps + s}", e, s), steps),
+                         stop=StopPoint(lambda e, s: self.saver.settle_and_save(self.step, f"stop_step_{e * steps + s}", e, s),
+                                         steps),
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
         # Without an AuxNet a later stage's input is its predecessor's output: it reads labels
         # only, which saves the images' augmentation.
@@ -228,8 +215,8 @@ class LayerParallelTrainer:
         loop = EpochLoop([step.optimizer], self.lr_schedule(),
                          step, progress, self.comm.watchdog.context, label="finetune ",
                          describe=lambda e, _: f"finetune {e + 1 - epochs}",
-                         stop=StopPoint(lambda e, s: self.save(f"stop_step_{e * steps + s}", e, "finetune",
-                                                               step_in_epoch=s), steps),
+                         stop=StopPoint(lambda e, s: self.saver.save(f"stop_step_{e * steps + s}", e, "finetune",
+                                                                     step_in_epoch=s), steps),
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
 
         def record(epoch: int, totals) -> dict:
@@ -253,7 +240,7 @@ class LayerParallelTrainer:
                 start(epoch, within)
             totals = loop.run_epoch(epoch, self.batches(epoch, augment, images), within)
             all_totals.append(totals)
-            self._end_of_epoch(epoch + 1, end(epoch, totals), log, progress, last_epoch)
+            self.saver.end_of_epoch(epoch + 1, end(epoch, totals), log, progress, last_epoch)
             loop.stop.after_epoch(epoch + 1, last_epoch)
         return all_totals
 
@@ -261,34 +248,3 @@ class LayerParallelTrainer:
         return FinetuneStep(FinetuneParts(self.chain, self.parts.stage_opt, self.step.criterion,
                                           self.cfg.parallel.microbatches, self.comm, self.step.stage_group,
                                           self.stop_vote))
-
-    def _end_of_epoch(self, epoch: int, record: dict, log, progress, last_epoch: int):
-        """Log the epoch, record it in aux.h5, and checkpoint when due (all ranks).
-
-        The run's last epoch is not saved here: the run saves it once, as `final`. Either
-        way the store ends flushed, so its writes are visible to the other ranks."""
-        if self.comm.rank == 0:
-            log.append(record)
-            progress.note(epoch_line(record))
-        self.run_store.record_epoch(epoch - 1, record)
-        if self.cfg.store.probe_size:
-            self.run_store.record_snapshots(epoch, self.metrics.probe_outputs())
-        every, run_ends = self.cfg.ckpt.every, epoch == self.cfg.train.epochs + self.cfg.lp.finetune_epochs
-        if not run_ends and (epoch == last_epoch or (every > 0 and epoch % every == 0)):
-            self.save(f"epoch_{epoch}", epoch, record["phase"])
-        else:
-            self.store.flush(self.comm.barrier)
-
-    def _settle_and_save(self, tag: str, epoch: int, step_in_epoch: int):
-        """A stop in a layer-parallel epoch: settle the neighbour exchange, then save it with
-        the rest, so the resume continues it where it stopped (at an epoch's start nothing
-        is in flight)."""
-        exchange = self.step.exchange.settle(self.step.real_input_gradient) \
-            if self.step.exchange and step_in_epoch else None
-        self.save(tag, epoch, "layer_parallel", step_in_epoch=step_in_epoch, exchange=exchange)
-
-    def save(self, tag: str, epoch: int, phase: str, step_in_epoch: int = 0, exchange=None):
-        self.store.flush(self.comm.barrier)
-        save_run(self.run_dir, self.comm, self.cfg, self.parts, tag, epoch, phase, step_in_epoch, exchange)
-        if self.comm.rank == 0:
-            discard_set_aside(self.run_dir)

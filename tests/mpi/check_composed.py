@@ -27,7 +27,7 @@ with torch.no_grad():
     logits = [trainer.chain.forward(x)[1] for x, _ in trainer.metrics.eval_batches("test", 400)]
 if trainer.layout.is_last:
     torch.save(torch.cat(logits), run_dir / "logits_across_ranks.pt")
-trainer.save("final", 0, "done")  # ends with a barrier: the logits file is complete
+trainer.saver.save("final", 0, "done")  # ends with a barrier: the logits file is complete
 if comm.rank == 0:
     in_one_process = evaluate_run(run_dir, subset=400)["test_acc"]
     assert abs(across_ranks - in_one_process) < 1e-12, (across_ranks, in_one_process)

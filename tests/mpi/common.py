@@ -18,10 +18,13 @@ CUTS = {2: [4], 3: [3, 6], 4: [3, 5, 7]}
 
 
 def tiny_config(data_root: str, backend: str, K: int, D: int = 1, *overrides):
+    # a narrow AuxNet where there is one (an auxnet key without an AuxNet is a config error)
+    narrow = [] if any(o.startswith("lp.aux_source=") and o != "lp.aux_source=auxnet" for o in overrides) \
+        else ["auxnet.width=8"]
     return load_config(ROOT / "configs" / "cifar10_resnet20_auxnet.yaml", [
         f"data.root={data_root}", "data.train_subset=128", "data.eval_subset=200", "train.batch_size=16",
         "train.eval_batch_size=100", f"comm.backend={backend}", f"parallel.K={K}", f"parallel.D={D}",
-        f"parallel.cuts={CUTS[K]}", "comm.timeout_s=60", "train.progress=false", "auxnet.width=8", *overrides])
+        f"parallel.cuts={CUTS[K]}", "comm.timeout_s=60", "train.progress=false", *narrow, *overrides])
 
 
 def make_comm(backend: str):

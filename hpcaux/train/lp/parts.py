@@ -1,4 +1,4 @@
-"""A rank's share of the layer-parallel network (docs/design.md §1): its stage, local
+"""A rank's place and share of the layer-parallel network (docs/design.md §1): its stage, local
 classifier, AuxNet replica and their optimisers, with the cut they come from. The
 trainer builds them once (`build_stage_parts`); the checkpoint saves and restores them
 (`state`, `load`) and the records read them, so none of those needs the trainer.
@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 
+from hpcaux.comm import Comm
 from hpcaux.config import Config
+from hpcaux.config_rules import check_layer_parallel_world
 from hpcaux.data.sets import cut_timing_sample
 from hpcaux.errors import UserError
-from hpcaux.models import build_model
-from hpcaux.models.partition import boundary_shapes, make_stages
+from hpcaux.models import block_count, build_model
+from hpcaux.models.partition import boundary_shapes, check_stage_count, make_stages
+from hpcaux.store.aux_store import store_mode
 from hpcaux.store.checkpoint import load_file
 from hpcaux.train.lp.exchange import graphs_in_flight
 from hpcaux.train.lp.modules import build_auxnet, build_local_head
@@ -23,6 +26,18 @@ from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.optim import make_optimizer
 from hpcaux.train.run.precision import Precision
 from hpcaux.train.run.runtime import seed_everything
+
+
+def checked_layout(cfg: Config, comm: Comm) -> Layout:
+    """This rank's place in K stages x D replicas, after the checks that depend on it
+    (K against the model first: the world size follows from K)."""
+    K = cfg.parallel.K
+    if K < 2:
+        raise UserError("config key 'parallel.K' must be >= 2 for method: layer_parallel")
+    check_stage_count(K, block_count(cfg.model.arch))
+    lay = Layout.for_world(K, cfg.parallel.D, comm.rank, comm.size)
+    check_layer_parallel_world(cfg, lay.D, store_mode(cfg.store.mode))
+    return lay
 
 
 @dataclass
