@@ -174,6 +174,11 @@ def all_keys(cls=None, prefix="") -> dict:
     return keys
 
 
+def value_of(cfg: Config, key: str):
+    """The value of a dotted key (`lp.rho0`) in a config."""
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
 def _unknown_key(key: str) -> UserError:
     close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -3,7 +3,7 @@
     python -m hpcaux.config_doc > docs/configuration.md
 """
 
-from hpcaux.config import FOLDED, RETIRED, Config, all_keys
+from hpcaux.config import FOLDED, RETIRED, Config, all_keys, value_of
 from hpcaux.config_rules import INERT_UNLESS
 
 
@@ -27,9 +27,7 @@ def render_reference() -> str:
              "(`hpcaux train --config configs/x.yaml optim.lr=0.05 parallel.cuts=[4]`).", "",
              "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (typ, f) in all_keys().items():
-        value = defaults
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = value_of(defaults, key)
         name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
         lines.append(f"| `{key}` | {name} | `{value}` | {_describe(f)} |")
     lines += ["", "Keys that act only under another setting: in a layer-parallel config, a value other than",

@@ -3,7 +3,6 @@
 Each broken rule is one UserError naming the key and what it needs."""
 from __future__ import annotations
 
-import functools
 import typing
 
 from hpcaux.errors import UserError
@@ -29,9 +28,8 @@ def _has_auxiliary_target(cfg: Config) -> bool:
 # that would be ignored in silence, and a run that reads as a measurement of it.
 INERT_UNLESS = (
     ("lp.z_lr", lambda cfg: cfg.lp.aux_source == "stored", "lp.aux_source stored (it steps stored z)"),
-    ("lp.rho0", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's weight)"),
-    ("lp.rho_growth", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's growth)"),
-    ("lp.rho_max", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty's cap)"),
+    *((f"lp.{key}", _has_auxiliary_target, "an auxiliary target, lp.aux_source auxnet or stored (the penalty "
+       "pulls towards it)") for key in ("rho0", "rho_growth", "rho_max")),
     ("lp.local_head", lambda cfg: cfg.lp.local_cls_weight > 0, "lp.local_cls_weight > 0 (a local classifier)"),
     ("auxnet", lambda cfg: cfg.lp.aux_source == "auxnet", "lp.aux_source auxnet (no AuxNet is built otherwise)"),
 )
@@ -43,15 +41,15 @@ def _check_inert_keys(cfg: Config):
     its layer-parallel ones, so a serial run ignores the lp and auxnet sections by design."""
     if cfg.method != "layer_parallel":
         return
-    from hpcaux.config import all_keys
+    from hpcaux.config import all_keys, value_of
 
     defaults = type(cfg)()
     for name, condition, needs in INERT_UNLESS:
         if condition(cfg):
             continue
         for key in (k for k in all_keys() if k == name or k.startswith(name + ".")):
-            value = functools.reduce(getattr, key.split("."), cfg)
-            if value != functools.reduce(getattr, key.split("."), defaults):
+            value = value_of(cfg, key)
+            if value != value_of(defaults, key):
                 raise UserError(f"config key '{key}' ({value}) does nothing in this config: it needs {needs}; "
                                 f"remove it or set what it needs")
 
