@@ -7,6 +7,7 @@ import torch
 
 from conftest import HPCAUX, ROOT, assert_same_final_weights, check, every_backend, installed_backends, mpirun, run
 from hpcaux.config import load_config
+from hpcaux.train.lp.metrics import NORM_BATCHES
 from hpcaux.train.run.schedules import learning_rate
 
 SCRIPTS = ROOT / "tests" / "mpi"
@@ -260,6 +261,21 @@ def test_bf16_and_channels_last_train_both_phases_and_eval_in_float32_agrees(con
     assert summary["precision"] == "bf16" and summary["channels_last"] is True
     assert [m["phase"] for m in metrics] == ["layer_parallel", "finetune"]
     assert all(math.isfinite(v) for m in metrics for v in m["stage_loss"]), metrics
+    proc = check(mpirun(1, [HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
+
+
+def test_stages_trained_on_predictions_are_measured_with_the_composed_networks_norm_statistics(tmp_path, cifar_root):
+    """The AuxNet configuration: before each measurement the stages' BatchNorm statistics
+    are re-estimated on the composed forward of NORM_BATCHES training batches (16 steps
+    trained, 10 counted) and kept in the checkpoint, so `hpcaux eval` counts what the run did."""
+    _, summary, _, out = _lp_run(tmp_path, cifar_root, 2, "data.train_subset=256", "train.epochs=1",
+                                 "train.batch_size=16", "data.eval_subset=200", "data.test_subset=500",
+                                 "parallel.cuts=[4]")
+    for k in range(2):
+        stage = torch.load(out / "ckpt" / "final" / f"stage_{k}.pt", weights_only=False)["stage"]
+        counts = {v.item() for name, v in stage.items() if name.endswith("num_batches_tracked")}
+        assert counts == {NORM_BATCHES}, (k, counts)
     proc = check(mpirun(1, [HPCAUX, "eval", str(out), "--subset", "500"], timeout=120))
     assert json.loads(proc.stdout.strip().splitlines()[-1])["test_acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
 

@@ -130,3 +130,35 @@ def test_evaluation_along_the_chain_counts_what_the_composed_network_gets_right(
     with torch.no_grad():
         expected = sum(int((composed(xb).argmax(1) == yb).sum()) for xb, yb in batches)
     assert run_ranks(K, work) == [(0, 0), (0, 0), (expected, 21)]
+
+
+def test_norm_statistics_reestimated_along_the_chain_are_those_of_the_composed_forward():
+    """Each stage's BatchNorm statistics become the average over the composed network's
+    forward of the batches, as one process computes them; the stage's mode and momentum
+    are left as they were."""
+    K, stages = 3, tiny_stages(3)
+    batches = [(torch.randn(n, 3, 8, 8) * 2 + 1, torch.randint(0, 10, (n,))) for n in (7, 5, 9)]
+
+    def work(comm):
+        stage = copy.deepcopy(stages[comm.rank]).eval()
+        chain = StageChain(comm, Layout(K, 1, comm.rank), stage, [(6, 8, 8)] * 2, torch.device("cpu"))
+        chain.reestimate_norm_statistics(batches)
+        return stage
+
+    composed = nn.Sequential(*copy.deepcopy(stages))
+    norms = [m for m in composed.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        for xb, _ in batches:
+            composed(xb)
+    reestimated = run_ranks(K, work)
+    for k in range(K - 1):
+        mine, = [m for m in reestimated[k].modules() if isinstance(m, nn.BatchNorm2d)]
+        theirs = composed[k][1]
+        assert not mine.training and mine.momentum == 0.1
+        assert int(mine.num_batches_tracked) == len(batches)
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean)
+        torch.testing.assert_close(mine.running_var, theirs.running_var)
+        assert not torch.allclose(mine.running_mean, stages[k][1].running_mean)

@@ -152,7 +152,7 @@ class LayerParallelTrainer:
         if last_epoch < epochs + ft_epochs:
             self.store.close(self.comm.barrier)
             return {"stopped_after_epoch": last_epoch}
-        final = self.metrics(cfg.data.test_subset, "test")
+        final = self.metrics(cfg.data.test_subset, "test", composed_trained=ft_epochs > 0)
         self.saver.save("final", last_epoch, "done")
         self.store.close(self.comm.barrier)
         timers = {k: sum(t.sums[k] for t in lp_totals) for k in TIMERS}
@@ -220,8 +220,8 @@ class LayerParallelTrainer:
                          vote=self.stop_vote, sync_every=sync_interval(cfg.train, self.device))
 
         def record(epoch: int, totals) -> dict:
-            return finetune_record(epoch, totals, self.comm, self.layout, self.metrics(cfg.data.eval_subset),
-                                   steps * cfg.train.batch_size * self.layout.D)
+            held_out = self.metrics(cfg.data.eval_subset, composed_trained=True)
+            return finetune_record(epoch, totals, self.comm, self.layout, held_out, steps * cfg.train.batch_size * self.layout.D)
 
         return self._run_phase(loop, range(first, last_epoch), None, record, log, progress, last_epoch,
                                augment=cfg.data.augment)

@@ -17,6 +17,7 @@ import torch
 from hpcaux.comm import Comm
 from hpcaux.train.lp.executor import Executor
 from hpcaux.train.lp.schedule import Action, Plan, timetable
+from hpcaux.train.run.evaluate import averaged_norm_statistics
 from hpcaux.train.run.layout import Layout
 from hpcaux.train.run.precision import Precision
 
@@ -58,8 +59,23 @@ class StageChain:
         """(correct, total) of the composed network on `batches`; nonzero on the last stage.
         Batch by batch along the chain (the evaluate timetable): stage k computes batch
         b+1 while stage k+1 computes b, since sends do not wait."""
+        return self._forward_batches(batches, training=False)
+
+    @torch.no_grad()
+    def reestimate_norm_statistics(self, batches) -> None:
+        """Replace every BatchNorm's running statistics of this stage by their average over
+        the composed network's forward of `batches` (each batch normalised by its own
+        statistics, as in training). A stage trained on the AuxNet's predictions of its
+        input keeps statistics of those; the composed network feeds it its predecessor's
+        real output, which is distributed differently (docs/accuracy.md)."""
+        with averaged_norm_statistics(self.stage):
+            self._forward_batches(batches, training=True)
+
+    def _forward_batches(self, batches, training: bool) -> tuple[int, int]:
+        """The composed forward of `batches` along the chain (the evaluate timetable), the
+        stage in training or evaluation mode; (correct, total), nonzero on the last stage."""
         was_training = self.stage.training
-        self.stage.eval()
+        self.stage.train(training)
         correct = total = 0
         for x, y in batches:
             program = ChainProgram(self, [(x, y)], self.stage)

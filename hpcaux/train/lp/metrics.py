@@ -3,8 +3,16 @@ the composed network's accuracy (the network a user gets), and in AuxNet mode th
 AuxNet-path accuracy F_K(A_{K-1}(x)) and the relative gap per boundary. Plus, on the fixed
 probe images, the composed network's activation at every boundary and (with an AuxNet) the
 AuxNet's prediction of it, which the store snapshots every epoch.
+
+Where stages trained on the AuxNet's predictions of their inputs, their BatchNorm
+statistics are those of the predictions; before each measurement they are re-estimated
+on the composed network's forward of a fixed draw of training images, and kept (so
+checkpoints, `hpcaux reevaluate` and every metric below use the composed network's
+statistics). Measured in docs/accuracy.md ("BatchNorm statistics of the composed network").
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -17,12 +25,23 @@ from hpcaux.train.lp.step import LayerParallelStep
 from hpcaux.train.run.layout import Layout
 
 
+NORM_BATCHES = 10   # training batches the composed network's BatchNorm statistics are averaged over
+
+
+def stages_train_on_predictions(cfg: Config) -> bool:
+    """Whether stages train on the AuxNet's predictions of their inputs rather than on their
+    predecessors' real outputs, so that their BatchNorm statistics are not the composed
+    network's."""
+    return cfg.lp.aux_source == "auxnet" and cfg.lp.real_inputs == "none"
+
+
 class HeldOutMetrics:
     def __init__(self, step: LayerParallelStep, chain: StageChain, comm: Comm, data: TrainingData, cfg: Config,
                  layout: Layout, device: torch.device):
         """`step` is the rank's LayerParallelStep (modules and inputs), `chain` its StageChain."""
         self.step, self.chain, self.comm, self.data = step, chain, comm, data
         self.cfg, self.layout, self.device = cfg, layout, device
+        self.reestimates_norms = stages_train_on_predictions(cfg)
 
     def eval_batches(self, split: str, subset: int):
         """This replica's shard of held-out split `split`: the replicas' counts add up to it once."""
@@ -30,12 +49,25 @@ class HeldOutMetrics:
                                          subset=subset, seed=self.cfg.seed, shard=self.layout.replica,
                                          shards=self.layout.D)
 
+    def norm_batches(self):
+        """The fixed training images the composed network's BatchNorm statistics come from:
+        the first NORM_BATCHES batches of the seed's first epoch, augmented as in training
+        (un-augmented statistics cost the pipeline 3.6 points, docs/accuracy.md), the same on
+        every replica (so the replicas, and the checkpoint written from replica 0, agree)."""
+        batches = self.data.train_batches(self.cfg.train.batch_size, seed=self.cfg.seed, epoch=0,
+                                          augment=self.cfg.data.augment, device=self.device)
+        return ((x, y) for x, y, _ in itertools.islice(batches, NORM_BATCHES))
+
     @torch.no_grad()
-    def __call__(self, subset: int, split: str | None = None) -> dict:
+    def __call__(self, subset: int, split: str | None = None, *, composed_trained: bool = False) -> dict:
         """The measurements on `subset` images of `split` (default: the per-epoch split,
-        validation where the run has one; the run's end passes "test")."""
+        validation where the run has one; the run's end passes "test"). After end-to-end
+        training of the composed network (`composed_trained`, the fine-tune) its BatchNorm
+        statistics are already its own and are not re-estimated."""
         split = split or self.data.monitor_split
         K = self.layout.K
+        if self.reestimates_norms and not composed_trained:
+            self.chain.reestimate_norm_statistics(self.norm_batches())
         correct, total = self.chain.correct_count(self.eval_batches(split, subset))
         counts = {"composed": torch.tensor([correct, total], dtype=torch.float64),
                   "auxnet_path": torch.zeros(2, dtype=torch.float64),

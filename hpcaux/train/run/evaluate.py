@@ -1,5 +1,26 @@
-"""Accuracy of a whole (unsplit or already composed) model in one process."""
+"""Evaluating a model: the accuracy of a whole (unsplit or already composed) model in one
+process, and the re-estimation of BatchNorm statistics (of a model or of one stage of a
+chain across ranks) on forward passes the caller runs."""
+from contextlib import contextmanager
+
 import torch
+
+
+@contextmanager
+def averaged_norm_statistics(module: torch.nn.Module):
+    """Inside the block, every BatchNorm of `module` forgets its running statistics and
+    averages them (cumulatively, not by momentum) over the forward passes run in training
+    mode; afterwards each keeps the average and gets its momentum back."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
 
 
 @torch.no_grad()
