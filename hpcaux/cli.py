@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
     bench.add_argument("--overwrite", action="store_true", help="run every method again")
     bench.add_argument("--K", type=int, metavar="N", help="run the methods with N stages (ranks) instead of the file's K")
+    bench.add_argument("--max-epochs", type=int, metavar="N",
+                       help="train each layer-parallel method at most N epochs in this invocation (checkpointed); "
+                            "--reuse continues an unfinished one. Other methods run whole")
     bench.add_argument("--model", action="store_true",
                        help="only the cost model's GPU projection, the same for every bench: the speedup of each "
                             "method at larger K and models (BENCH/projection.json, BENCH/cost_model.md)")
@@ -190,7 +193,7 @@ def _bench(args) -> int:
     from hpcaux.bench.main import bench
 
     print(bench(args.config, Path(args.out), quick=args.quick, reuse=args.reuse, overwrite=args.overwrite,
-                model_only=args.model, overrides=args.overrides, K=args.K))
+                model_only=args.model, overrides=args.overrides, K=args.K, max_epochs=args.max_epochs))
     return 0
 
 

@@ -60,3 +60,26 @@ def test_cost_model_projection_alone(tmp_path):
     assert len(rows) == 15 and all(r[m]["speedup"] > 0.5 for r in rows for m in ("gpipe", "pipeline", "auxnet", "relay"))
     missing = run([HPCAUX, "bench", "--out", str(tmp_path)], timeout=60)
     assert missing.returncode == 2 and "--config BENCH_FILE is needed" in missing.stderr
+
+
+def test_a_campaign_in_pieces_stops_a_layer_parallel_method_and_resumes_it(tmp_path, cifar_root):
+    """--max-epochs 1 of 2: serial training runs whole, the layer-parallel method stops
+    checkpointed after its first epoch and is recorded as unfinished; the next invocation
+    with --reuse keeps the serial row and resumes the method to its end."""
+    bench_file = tmp_path / "bench_pieces.yaml"
+    bench_file.write_text(f"base: {ROOT / 'configs' / 'cifar10_resnet20_auxnet.yaml'}\nK: 2\n"
+                          "methods: [serial_1thread, lp_penalty]\noverrides: [train.progress=false]\n")
+    out = tmp_path / "bench"
+    command = [HPCAUX, "bench", "--config", str(bench_file), "--out", str(out), "--max-epochs", "1",
+               f"data.root={cifar_root}", *TINY]
+    first = check(run(command, timeout=600))
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert methods["serial_1thread"]["epochs"] == 2 and "error" not in methods["serial_1thread"]
+    assert methods["lp_penalty"]["unfinished"] and "continue it" in first.stdout
+    assert len((out / "runs" / "lp_penalty" / "metrics.jsonl").read_text().splitlines()) == 1
+    second = check(run(command[:2] + ["--reuse"] + command[2:], timeout=600))
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert "reusing" in second.stdout and methods["serial_1thread"]["reused"]
+    lp = methods["lp_penalty"]
+    assert lp["resumed"] and not lp.get("error") and lp["epochs"] == 2 and len(lp["curve"]) == 2
+    assert "(resumed: its speed is this invocation's part)" in (out / "results.md").read_text()

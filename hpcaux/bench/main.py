@@ -13,9 +13,10 @@ from hpcaux.errors import UserError
 
 
 def bench(bench_file: str | None, out: Path, quick: bool, reuse: bool, overwrite: bool, model_only: bool,
-          overrides: list[str], K: int | None = None) -> str:
+          overrides: list[str], K: int | None = None, max_epochs: int | None = None) -> str:
     """Run the bench (or only the projection); returns what to print. `K` replaces the
-    bench file's K (the same methods at another stage count)."""
+    bench file's K (the same methods at another stage count); `max_epochs` caps the epochs
+    a layer-parallel method trains in this invocation (a long campaign in pieces)."""
     if model_only:   # one projection for every bench: it depends on no bench file
         projected = projection()
         out.mkdir(parents=True, exist_ok=True)
@@ -30,6 +31,8 @@ def bench(bench_file: str | None, out: Path, quick: bool, reuse: bool, overwrite
         if K < 2:
             raise UserError(f"hpcaux bench: --K must be >= 2, got {K}")
         spec.K = K
+    if max_epochs is not None and max_epochs < 1:
+        raise UserError(f"hpcaux bench: --max-epochs must be >= 1, got {max_epochs}")
     check_bench_dir(out, reuse, overwrite)
-    results = run_bench(spec, out, quick, reuse, overrides)
+    results = run_bench(spec, out, quick, reuse, overrides, max_epochs)
     return write_report(results, out).read_text()

@@ -22,6 +22,12 @@ class Method:
     def ranks(self, K: int) -> int:
         return K if self.ranks_per_k else 1
 
+    @property
+    def layer_parallel(self) -> bool:
+        """Whether it is an `hpcaux train` of method layer_parallel: the runs that stop after
+        a number of epochs and resume (bench --max-epochs)."""
+        return (self.kind or self.name) in LAYER_PARALLEL
+
 
 SERIAL_1 = Method("serial_1thread", "serial backprop, 1 process x 1 thread", False)
 SERIAL_K = Method("serial_kthreads", "serial backprop, 1 process x K threads", False)
@@ -31,6 +37,7 @@ LP_PENALTY = Method("lp_penalty", "hpcaux layer-parallel, penalty, K ranks x 1 t
 LP_AL = Method("lp_al", "hpcaux layer-parallel, augmented Lagrangian, K ranks x 1 thread", True)
 LP_AL_FINETUNE = Method("lp_al_finetune", "hpcaux layer-parallel, AL + hybrid fine-tune, K ranks x 1 thread", True)
 
+LAYER_PARALLEL = {m.name for m in (LP_PENALTY, LP_AL, LP_AL_FINETUNE)}
 METHODS = {m.name: m for m in (SERIAL_1, SERIAL_K, DATA_PARALLEL, PIPELINE, LP_PENALTY, LP_AL, LP_AL_FINETUNE)}
 REFERENCE = SERIAL_1.name
 

@@ -22,7 +22,8 @@ def results_table(results: dict) -> str:
             continue
         speedup = rec["samples_per_s"] / ref["samples_per_s"] if "error" not in ref else float("nan")
         diff = (rec["test_acc"] - ref["test_acc"]) * 100 if "error" not in ref else float("nan")
-        reused = " (reused: ran before this invocation)" if rec.get("reused") else ""
+        reused = " (reused: ran before this invocation)" if rec.get("reused") else \
+            " (resumed: its speed is this invocation's part)" if rec.get("resumed") else ""
         lines.append(
             f"| {i}. {rec['label']}{reused} | {rec['ranks']} × {rec['threads']} | {rec['samples_per_s']:.0f} | "
             f"{speedup:.2f}× | {rec['step_ms']:.0f} | {per_rank(rec['stage_ms_per_rank'])} | {per_rank(rec['aux_ms_per_rank'])} | "

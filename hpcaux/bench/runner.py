@@ -4,6 +4,8 @@ what each run wrote (summary.json, metrics.jsonl) into BENCH/results.json.
 Each method is a real `hpcaux train` (under the launcher for multi-rank methods), so the
 bench measures exactly what users run. Runs go to BENCH/runs/<method>, their output to
 BENCH/logs/<method>.log. A failed method is recorded as failed and the bench goes on.
+With --max-epochs a layer-parallel method may stop unfinished (checkpointed, recorded as
+unfinished); the next invocation with --reuse resumes it where it stopped.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def check_bench_dir(out: Path, reuse: bool, overwrite: bool):
                         f"or --overwrite to run everything again")
 
 
-def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[str]) -> dict:
+def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[str],
+              max_epochs: int | None = None) -> dict:
     shared = spec.overrides + (spec.quick if quick else []) + extra
     cfg = load_config(spec.base, shared)  # a bad override fails here, before any run
     kept = _committed_records(out, shared) if reuse else {}
@@ -51,7 +54,7 @@ def run_bench(spec: BenchSpec, out: Path, quick: bool, reuse: bool, extra: list[
             print(f"bench: {name}: reusing its row of {out / 'results.json'} (its run directory is gone)", flush=True)
             records[name] = {**kept[name], "reused": True}
         else:
-            records[name] = _run_method(spec, out, name, shared, cfg, reuse)
+            records[name] = _run_method(spec, out, name, shared, cfg, reuse, max_epochs)
     for name in kept.keys() - records.keys():  # dropped from the bench file since: its row is still a measurement
         records[name] = {**kept[name], "reused": True}
     results = {"machine": machine(), "date": started, "K": spec.K, "quick": quick, "base": str(spec.base),
@@ -88,18 +91,24 @@ def _committed_records(out: Path, shared: list[str]) -> dict:
     return {name: rec for name, rec in methods.items() if "error" not in rec}
 
 
-def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool) -> dict:
+def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool, max_epochs: int | None) -> dict:
     method = spec.method(name)
     run_dir = out / "runs" / name
     reused = reuse and _has_run(out, name)
-    record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K), "reused": reused}
+    # an unfinished layer-parallel run (stopped by --max-epochs) continues from its checkpoint
+    resumed = reuse and not reused and method.layer_parallel and (run_dir / "ckpt" / "latest").exists()
+    record = {"method": name, "label": method.label, "ranks": method.ranks(spec.K), "reused": reused,
+              "resumed": resumed}
     if reused:
         print(f"bench: {name}: reusing {run_dir}", flush=True)
     else:
         overrides = shared + method_overrides(method, spec.K, cfg.train.batch_size, cfg.train.epochs,
                                               spec.finetune_epochs, spec.backend)
-        cmd = [sys.executable, "-m", "hpcaux.cli", "train", "--config", str(spec.base), "--out", str(run_dir),
-               "--overwrite", *overrides]
+        cmd = [sys.executable, "-m", "hpcaux.cli", "train"] + (
+            ["--resume", str(run_dir)] if resumed else
+            ["--config", str(spec.base), "--out", str(run_dir), "--overwrite", *overrides])
+        if max_epochs and method.layer_parallel:
+            cmd += ["--max-epochs", str(max_epochs)]
         if method.ranks_per_k:
             cmd = shlex.split(spec.launcher.format(ranks=spec.K)) + cmd
         print(f"bench: {name}: {method.label} ...", flush=True)
@@ -111,6 +120,10 @@ def _run_method(spec, out: Path, name: str, shared: list[str], cfg, reuse: bool)
         if code != 0:
             print(f"bench: {name} failed (exit {code}); see {log}", flush=True)
             return {**record, "error": f"exit {code}, see logs/{name}.log"}
+        if not _has_run(out, name):
+            print(f"bench: {name}: unfinished after --max-epochs {max_epochs}; run the bench again with --reuse "
+                  f"to continue it", flush=True)
+            return {**record, "error": "unfinished (--max-epochs): continue with --reuse", "unfinished": True}
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     record.update(_measurements(summary, metrics, cfg.train.batch_size))
