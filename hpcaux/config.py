@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from hpcaux.config_history import OLD_KEYS, translate
 from hpcaux.config_rules import check_consistency
 from hpcaux.errors import UserError
 from hpcaux.models import ARCHITECTURES
@@ -249,35 +250,10 @@ def _flatten(tree: dict, prefix="") -> dict:
     return flat
 
 
-# Keys retired after measurements (docs/results.md), with the one behaviour that remains:
-# a config or run directory that still names one is read as before when it asks for that
-# behaviour (None: any value, the key having meant something only with a retired choice).
-# lp.relay: the exchange relays wherever it keeps a graph for a returned gradient (LayerParallelConfig.relays).
-RETIRED = {"lp.finetune_schedule": "continue", "lp.finetune_lr": None, "lp.consistency": "mutual",
-           "lp.exchange_warmup": 0, "lp.relay": None}
-# Keys folded into another: the value that still means something, and what it sets.
-FOLDED = {"lp.multipliers": {"per_sample": ("lp.loss", "al"), "none": None},
-          "lp.real_source": {"exchange": None, "store": ("lp.real_inputs", "stored")}}
-# Keys moved: a config or run directory that still names one sets the new key. A run saved
-# with lp.microbatches fine-tuned with parallel.microbatches; it now fine-tunes with its
-# layer-parallel phase's micro-batches.
-MOVED = {"lp.microbatches": "parallel.microbatches", "lp.finetune_epochs": "train.finetune_epochs"}
-
-
 def _set(cfg: Config, key: str, raw):
-    if key in MOVED:
-        return _set(cfg, MOVED[key], raw)
-    if key in FOLDED:
-        if raw not in FOLDED[key]:
-            raise UserError(f"config key '{key}' is folded into another: it takes only {', '.join(FOLDED[key])} "
-                            "(docs/configuration.md)")
-        if FOLDED[key][raw] is not None:
-            _set(cfg, *FOLDED[key][raw])
-        return
-    if key in RETIRED:
-        if RETIRED[key] is not None and raw != RETIRED[key]:
-            raise UserError(f"config key '{key}' was retired: only {RETIRED[key]} remains (docs/results.md); "
-                            "drop the key")
+    if key in OLD_KEYS:
+        for new_key, value in translate(key, raw):
+            _set(cfg, new_key, value)
         return
     keys = all_keys()
     if key not in keys:

@@ -3,7 +3,8 @@
     python -m hpcaux.config_doc > docs/configuration.md
 """
 
-from hpcaux.config import FOLDED, MOVED, RETIRED, Config, all_keys, value_of
+from hpcaux.config import Config, all_keys, value_of
+from hpcaux.config_history import FOLDED, MOVED, RETIRED
 from hpcaux.config_rules import INERT_UNLESS
 
 
