@@ -51,24 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("store", help="path to RUN/aux.h5")
     an.add_argument("--out", help="folder for the plots (default: RUN/analysis)")
 
-    bench = sub.add_parser("bench", help="run the compared methods side by side; speedup, accuracy, cost model",
-                           description="Run serial, data-parallel, pipeline and layer-parallel training one after "
-                                       "another on the same data (a bench file under configs/), then write "
-                                       "BENCH/results.json, results.md and plots (docs/benchmarks.md). "
-                                       "`hpcaux bench report` rewrites the docs' tables from the results files.")
-    bench.add_argument("--config", help="bench file, e.g. configs/bench_cifar10_resnet20.yaml (not with --model)")
-    bench.add_argument("--out", required=True, help="bench directory")
-    bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
-    bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
-    bench.add_argument("--overwrite", action="store_true", help="run every method again")
-    bench.add_argument("--K", type=int, metavar="N", help="run the methods with N stages (ranks) instead of the file's K")
-    bench.add_argument("--max-epochs", type=int, metavar="N",
-                       help="train each layer-parallel method at most N epochs in this invocation (checkpointed); "
-                            "--reuse continues an unfinished one. Other methods run whole")
-    bench.add_argument("--model", action="store_true",
-                       help="only the cost model's GPU projection, the same for every bench: the speedup of each "
-                            "method at larger K and models (BENCH/projection.json, BENCH/cost_model.md)")
-    bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
+    _add_bench_parser(sub)
 
     data = sub.add_parser("data", help="prepare a data set in the standard layout",
                           description="Lay out CIFAR in the standard python-pickle format from the original release "
@@ -87,6 +70,28 @@ def _parser() -> argparse.ArgumentParser:
                                        "launcher's.")
     guard.add_argument("launcher", nargs=argparse.REMAINDER, metavar="LAUNCHER ARGS", help="the launcher command")
     return parser
+
+
+def _add_bench_parser(sub):
+    """`hpcaux bench`: the longest option list, kept apart so _parser stays readable."""
+    bench = sub.add_parser("bench", help="run the compared methods side by side; speedup, accuracy, cost model",
+                           description="Run serial, data-parallel, pipeline and layer-parallel training one after "
+                                       "another on the same data (a bench file under configs/), then write "
+                                       "BENCH/results.json, results.md and plots (docs/benchmarks.md). "
+                                       "`hpcaux bench report` rewrites the docs' tables from the results files.")
+    bench.add_argument("--config", help="bench file, e.g. configs/bench_cifar10_resnet20.yaml (not with --model)")
+    bench.add_argument("--out", required=True, help="bench directory")
+    bench.add_argument("--quick", action="store_true", help="the bench file's quick overrides (minutes, not hours)")
+    bench.add_argument("--reuse", action="store_true", help="keep methods that already finished in --out")
+    bench.add_argument("--overwrite", action="store_true", help="run every method again")
+    bench.add_argument("--K", type=int, metavar="N", help="run the methods with N stages (ranks) instead of the file's K")
+    bench.add_argument("--max-epochs", type=int, metavar="N",
+                       help="train each layer-parallel method at most N epochs in this invocation (checkpointed); "
+                            "--reuse continues an unfinished one. Other methods run whole")
+    bench.add_argument("--model", action="store_true",
+                       help="only the cost model's GPU projection, the same for every bench: the speedup of each "
+                            "method at larger K and models (BENCH/projection.json, BENCH/cost_model.md)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every method")
 
 
 def _train(args) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from hpcaux.config_history import OLD_KEYS, translate
 from hpcaux.config_rules import check_consistency
 from hpcaux.errors import UserError
 from hpcaux.models import ARCHITECTURES
@@ -50,6 +51,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = field(default=10, metadata={"min": 1})
+    finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "layer-parallel runs: epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, a GPipe pipeline of parallel.microbatches micro-batches, on the same learning-rate schedule and stage optimisers"})
     batch_size: int = field(default=128, metadata={"min": 1, "help": "per replica"})
     eval_batch_size: int = field(default=500, metadata={"min": 1})
     threads: int = field(default=0, metadata={"min": 0, "help": "torch threads per rank; 0 = cores / ranks on this node"})
@@ -79,7 +81,7 @@ class ParallelConfig:
     D: int = field(default=1, metadata={"min": 0, "help": "data-parallel replicas of each stage; 0 = world size / K (the sbatch scripts pass 0)"})
     balance: str = field(default="time", metadata={"choices": ("time", "flops", "params"), "help": "what the partition balances across stages: time = stage times measured side by side as the job runs them (docs/design.md §6)"})
     cuts: typing.List[int] = field(default_factory=list, metadata={"help": "explicit cut points (block indices), overriding balance"})
-    microbatches: int = field(default=4, metadata={"min": 1, "help": "micro-batches per step (method: pipeline, and the layer-parallel fine-tune)"})
+    microbatches: int = field(default=4, metadata={"min": 1, "help": "M: each step's batch goes through the stages as M micro-batches, the weights stepped once per batch (method pipeline; the layer-parallel phase and its fine-tune). In the layer-parallel pipeline without an AuxNet (lp.aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md). 1: whole batches"})
 
 
 @dataclass
@@ -99,7 +101,7 @@ class AuxNetConfig:
 @dataclass
 class LayerParallelConfig:
     """The joint objective of docs/design.md §1."""
-    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al", "al_real"), "help": "penalty: rho/2 x the mean squared gap to the AuxNet's targets; al: the augmented Lagrangian, with per-sample multipliers in RUN/aux.h5 (docs/algorithm.md); al_real (lp.relay): the penalty on the AuxNet's input, the augmented Lagrangian on the relayed real input's gap to the AuxNet's target"})
+    loss: str = field(default="penalty", metadata={"choices": ("penalty", "al", "al_real"), "help": "penalty: rho/2 x the mean squared gap to the AuxNet's targets; al: the augmented Lagrangian, with per-sample multipliers in RUN/aux.h5 (docs/algorithm.md); al_real (the relayed exchange, K >= 3): the penalty on the AuxNet's input, the augmented Lagrangian on the relayed real input's gap to the AuxNet's target"})
     rho0: float = field(default=1.0, metadata={"min_exclusive": 0.0})
     rho_growth: float = field(default=1.2, metadata={"min_exclusive": 0.0, "help": "rho *= rho_growth after every epoch, capped at rho_max; below 1 the pull towards the AuxNet's targets decays as the real inputs take over (docs/accuracy.md)"})
     rho_max: float = field(default=10.0, metadata={"min_exclusive": 0.0})
@@ -107,21 +109,27 @@ class LayerParallelConfig:
     z_lr: float = field(default=0.5, metadata={"min_exclusive": 0.0, "max": 2.0, "help": "stored auxiliary variables (aux_source: stored): the fraction of the way to the consistency minimiser each step moves z (docs/algorithm.md)"})
     local_cls_weight: float = field(default=1.0, metadata={"min": 0.0})
     boundary_norm: bool = field(default=True, metadata={"help": "a layer norm without parameters at the end of every non-last stage, so the AuxNet's target cannot shrink to zero (docs/design.md §1); false (aux_source none only) composes the stages into exactly the serial network"})
-    local_head: str = field(default="linear", metadata={"choices": ("linear", "conv"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it"})
-    real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only"), "help": "stage k+1 also trains on stage k's real output of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives; docs/algorithm.md)"})
-    real_source: str = field(default="exchange", metadata={"choices": ("exchange", "store"), "help": "where lp.real_inputs come from: exchange (stage k's output of the previous step, sent point to point) or store (stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs store.mode mpio and lp.delayed_grad none; docs/algorithm.md)"})
+    local_head: str = field(default="linear", metadata={"choices": ("linear", "conv", "conv2"), "help": "each non-last stage's local classifier: pooled linear, or a stride-2 3x3 convolution before it (conv), or that and a second 3x3 convolution (conv2, as deep as DGL's heads)"})
+    real_inputs: str = field(default="none", metadata={"choices": ("none", "beside", "only", "stored"), "help": "stage k+1 also trains on stage k's real output: of the previous step, sent non-blocking (beside the AuxNet prediction, or only on it once it arrives), or stored (beside the AuxNet prediction, stage k's output for the same sample in the previous epoch, through RUN/aux.h5: no messages between the stages; needs the one shared HDF5 file and lp.delayed_grad none). With the AuxNet, lp.delayed_grad keep or fused and K >= 3 the exchange relays: a middle stage sends on its output on the real input it received, so stage k's real input is F_{k-1}(...F_0(x)) of the batch k steps back and every returned gradient stays two steps (micro-batches) late whatever K is (docs/algorithm.md)"})
     delayed_grad: str = field(default="none", metadata={"choices": ("none", "keep", "fused"), "help": "stage k back-propagates stage k+1's gradient of that real input, one step later still, through the graph it kept (fused: together with its own term of that batch, one backward per step; needs real_inputs)"})
-    relay: bool = field(default=False, metadata={"help": "the AuxNet at every boundary (with lp.real_inputs and lp.delayed_grad keep or fused): a middle stage sends on its output on the real input it received, not on the AuxNet's prediction, so stage k's real input is the composition F_{k-1}(...F_0(x)) of the batch k steps back, trained on beside the AuxNet's prediction and pulled towards the AuxNet's target of that batch; every returned gradient stays two steps (micro-batches) late whatever K is (docs/algorithm.md)"})
     weight_prediction: int = field(default=0, metadata={"min": 0, "max": 8, "help": "with lp.delayed_grad keep or fused: run the kept forward at the weights predicted n steps ahead (w - n x lr x momentum buffer), n = N for every two steps of the stage's delay (2: those the delayed gradient will be applied to); 0: at the current weights (docs/algorithm.md)"})
-    microbatches: int = field(default=1, metadata={"min": 1, "help": "split each step's batch into M micro-batches that follow each other through the stages, the weights stepped once per batch: in the pipeline without an AuxNet (aux_source none) stage k's gradient is 2(K-1-k)/M steps late instead of 2(K-1-k) (PipeDream-2BW's schedule), with the AuxNet's exchange every returned gradient 2/M steps late; BatchNorm sees micro-batches (docs/algorithm.md)"})
-    finetune_epochs: int = field(default=0, metadata={"min": 0, "help": "epochs of end-to-end backprop across the ranks after the train.epochs layer-parallel ones, micro-batched as a GPipe pipeline (parallel.microbatches), on the same learning-rate schedule and stage optimisers"})
-
 
     @property
     def exchanges(self) -> bool:
         """Whether real inputs travel between neighbouring ranks by message, every step
-        (lp.real_inputs with real_source exchange): the neighbour exchange, or the pipeline."""
-        return self.real_inputs != "none" and self.real_source == "exchange"
+        (lp.real_inputs beside or only): the neighbour exchange, or the pipeline."""
+        return self.real_inputs in ("beside", "only")
+
+    @property
+    def relays(self) -> bool:
+        """Whether the AuxNet's exchange relays the real inputs along the chain: a middle
+        stage sends on its output on the real input it received and keeps that graph for
+        the returned gradient. Without relay, a middle stage of K >= 3 sends its output on
+        the AuxNet's prediction, and stages after the second never see the composition the
+        test-time network feeds them (docs/accuracy.md measured it 10 points worse at K = 4);
+        at K = 2 the two are the same schedule, there being no middle stage."""
+        return self.exchanges and self.delayed_grad in ("keep", "fused") and self.aux_source == "auxnet"
+
 
 @dataclass
 class StoreConfig:
@@ -242,27 +250,10 @@ def _flatten(tree: dict, prefix="") -> dict:
     return flat
 
 
-# Keys retired after measurements (docs/results.md), with the one behaviour that remains:
-# a config or run directory that still names one is read as before when it asks for that
-# behaviour (None: any value, the key having meant something only with a retired choice).
-RETIRED = {"lp.finetune_schedule": "continue", "lp.finetune_lr": None, "lp.consistency": "mutual",
-           "lp.exchange_warmup": 0}
-# Keys folded into another: the value that still means something, and what it sets.
-FOLDED = {"lp.multipliers": {"per_sample": ("lp.loss", "al"), "none": None}}
-
-
 def _set(cfg: Config, key: str, raw):
-    if key in FOLDED:
-        if raw not in FOLDED[key]:
-            raise UserError(f"config key '{key}' is folded into another: it takes only {', '.join(FOLDED[key])} "
-                            "(docs/configuration.md)")
-        if FOLDED[key][raw] is not None:
-            _set(cfg, *FOLDED[key][raw])
-        return
-    if key in RETIRED:
-        if RETIRED[key] is not None and raw != RETIRED[key]:
-            raise UserError(f"config key '{key}' was retired: only {RETIRED[key]} remains (docs/results.md); "
-                            "drop the key")
+    if key in OLD_KEYS:
+        for new_key, value in translate(key, raw):
+            _set(cfg, new_key, value)
         return
     keys = all_keys()
     if key not in keys:

@@ -3,7 +3,8 @@
     python -m hpcaux.config_doc > docs/configuration.md
 """
 
-from hpcaux.config import FOLDED, RETIRED, Config, all_keys, value_of
+from hpcaux.config import Config, all_keys, value_of
+from hpcaux.config_history import FOLDED, MOVED, RETIRED
 from hpcaux.config_rules import INERT_UNLESS
 
 
@@ -40,6 +41,8 @@ def render_reference() -> str:
     for key, target in FOLDED.items():
         meaning = ", ".join(f"`{v}` sets `{t[0]}: {t[1]}`" if t else f"`{v}` does nothing" for v, t in target.items())
         lines.append(f"* `{key}`: folded into another key; {meaning}.")
+    for key, target in MOVED.items():
+        lines.append(f"* `{key}`: moved to `{target}`, which it sets.")
     for key, kept in RETIRED.items():
         lines.append(f"* `{key}`: retired; " + (f"`{kept}` (what remains) is read and ignored, any other value is an "
                                                  "error." if kept is not None else "read and ignored."))

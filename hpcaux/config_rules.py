@@ -58,13 +58,12 @@ def _check_layer_parallel_keys(cfg: Config):
     if cfg.lp.delayed_grad != "none" and cfg.lp.real_inputs == "none":
         raise UserError(f"config key 'lp.delayed_grad' is {cfg.lp.delayed_grad} but 'lp.real_inputs' is none: "
                         "the delayed gradient is that of the real input; set lp.real_inputs=beside or only")
-    if cfg.lp.real_source == "store" and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad != "none"
-                                          or cfg.lp.aux_source != "auxnet"):
-        raise UserError("config key 'lp.real_source' is store, which needs lp.real_inputs beside or only, "
-                        "lp.delayed_grad none and lp.aux_source auxnet (a stored output is an epoch old: no gradient "
-                        "goes back, and the AuxNet feeds the first epoch)")
-    if cfg.lp.real_source == "store" and cfg.store.mode == "per_rank":
-        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file "
+    if cfg.lp.real_inputs == "stored" and (cfg.lp.delayed_grad != "none" or cfg.lp.aux_source != "auxnet"):
+        raise UserError("config key 'lp.real_inputs' is stored, which needs lp.delayed_grad none and lp.aux_source "
+                        "auxnet (a stored output is an epoch old: no gradient goes back, and the AuxNet feeds the "
+                        "first epoch)")
+    if cfg.lp.real_inputs == "stored" and cfg.store.mode == "per_rank":
+        raise UserError("config key 'lp.real_inputs' is stored, which needs the one shared HDF5 file "
                         "(store.mode mpio or auto), not per_rank: stage k+1 reads what stage k writes")
     if cfg.lp.aux_source == "none" and cfg.lp.real_inputs != "only":
         raise UserError("config key 'lp.aux_source' is none, which needs lp.real_inputs=only "
@@ -75,21 +74,19 @@ def _check_layer_parallel_keys(cfg: Config):
     if cfg.lp.weight_prediction and cfg.lp.delayed_grad not in ("keep", "fused"):
         raise UserError(f"config key 'lp.weight_prediction' is {cfg.lp.weight_prediction}, which needs "
                         f"lp.delayed_grad keep or fused (the weights of a kept forward), not {cfg.lp.delayed_grad}")
-    if cfg.lp.microbatches > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss != "penalty"):
-        raise UserError(f"config key 'lp.microbatches' is {cfg.lp.microbatches}, which needs lp.aux_source auxnet "
-                        "or none and lp.loss penalty (stored z and per-sample multipliers are stepped per batch)")
-    if cfg.lp.relay and (cfg.lp.real_inputs == "none" or cfg.lp.delayed_grad not in ("keep", "fused")
-                         or cfg.lp.aux_source != "auxnet" or cfg.lp.real_source != "exchange"):
-        raise UserError("config key 'lp.relay' is true, which needs lp.real_inputs beside or only, lp.delayed_grad "
-                        "keep or fused, lp.aux_source auxnet and lp.real_source exchange (a middle stage sends on "
-                        "its output on the real input and keeps that graph for the returned gradient)")
-    if cfg.lp.loss == "al_real" and not (cfg.lp.relay and cfg.parallel.K >= 3):
-        raise UserError(f"config key 'lp.loss' is al_real, which needs lp.relay true and parallel.K >= 3, got relay "
-                        f"{str(cfg.lp.relay).lower()} and K={cfg.parallel.K} (its multipliers are a middle stage's, on "
-                        f"the relayed real input's gap to the AuxNet's target)")
-    if cfg.train.batch_size % cfg.lp.microbatches:
+    M = cfg.parallel.microbatches
+    if cfg.method == "layer_parallel" and M > 1 and (cfg.lp.aux_source == "stored" or cfg.lp.loss != "penalty"):
+        raise UserError(f"config key 'parallel.microbatches' is {M}, which needs lp.aux_source auxnet or none and "
+                        "lp.loss penalty in a layer-parallel run (stored z and per-sample multipliers are stepped "
+                        "per batch); set parallel.microbatches=1")
+    if cfg.lp.loss == "al_real" and not (cfg.lp.relays and cfg.parallel.K >= 3):
+        raise UserError(f"config key 'lp.loss' is al_real, which needs the relayed exchange (lp.real_inputs beside "
+                        f"or only, lp.delayed_grad keep or fused) and parallel.K >= 3, got real_inputs "
+                        f"{cfg.lp.real_inputs}, delayed_grad {cfg.lp.delayed_grad} and K={cfg.parallel.K} (its "
+                        f"multipliers are a middle stage's, on the relayed real input's gap to the AuxNet's target)")
+    if cfg.method in ("layer_parallel", "pipeline") and cfg.train.batch_size % M:
         raise UserError(f"config key 'train.batch_size' ({cfg.train.batch_size}) is not a multiple of "
-                        f"'lp.microbatches' ({cfg.lp.microbatches})")
+                        f"'parallel.microbatches' ({M})")
     if not cfg.lp.boundary_norm and cfg.lp.aux_source != "none":
         raise UserError("config key 'lp.boundary_norm' is false, which needs lp.aux_source=none (with auxiliary "
                         "targets the boundary norm keeps them from collapsing, docs/design.md §1)")
@@ -132,8 +129,8 @@ def check_layer_parallel_world(cfg: Config, D: int, store_mode: str):
                         f"got {cfg.lp.delayed_grad} (a middle stage returns its input gradient from the graph it kept)")
     if cfg.lp.aux_source == "stored" and D > 1:
         raise UserError("config key 'lp.aux_source' stored needs parallel.D=1 (each replica would update different z)")
-    if cfg.lp.real_source == "store" and store_mode != "mpio":
-        raise UserError("config key 'lp.real_source' is store, which needs the one shared HDF5 file, but this job "
+    if cfg.lp.real_inputs == "stored" and store_mode != "mpio":
+        raise UserError("config key 'lp.real_inputs' is stored, which needs the one shared HDF5 file, but this job "
                         "would write per-rank files (store.mode auto needs parallel h5py and an MPI launch)")
     if cfg.lp.loss != "penalty" and D > 1 and cfg.store.mode == "per_rank":
         raise UserError(f"config key 'lp.loss' {cfg.lp.loss} with parallel.D > 1 needs store.mode mpio "

@@ -93,27 +93,22 @@ CATALOGUE = {
     "weight prediction without a kept forward": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                      "lp.weight_prediction=2"],
                                                  "config key 'lp.weight_prediction' is 2, which needs lp.delayed_grad keep"),
-    "relay without a kept graph": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.real_inputs=beside",
-                                       "lp.relay=true"],
-                                   "config key 'lp.relay' is true, which needs lp.real_inputs beside or only, "
-                                   "lp.delayed_grad keep or fused"),
     "real-input multipliers without a middle stage": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al_real",
-                                                          "lp.real_inputs=beside", "lp.delayed_grad=fused", "lp.relay=true"],
-                                                      "config key 'lp.loss' is al_real, which needs lp.relay true and "
-                                                      "parallel.K >= 3, got relay true and K=2"),
+                                                          "lp.real_inputs=beside", "lp.delayed_grad=fused"],
+                                                      "config key 'lp.loss' is al_real, which needs the relayed exchange "
+                                                      "(lp.real_inputs beside or only, lp.delayed_grad keep or fused) and "
+                                                      "parallel.K >= 3, got real_inputs beside, delayed_grad fused and K=2"),
     "micro-batches with per-sample multipliers": (1, ["train", "--config", LP, "--out", "{ws}/new", "lp.loss=al",
-                                                      "lp.microbatches=2"],
-                                                  "config key 'lp.microbatches' is 2, which needs lp.aux_source auxnet "
-                                                  "or none and lp.loss penalty"),
+                                                      "parallel.microbatches=2"],
+                                                  "config key 'parallel.microbatches' is 2, which needs lp.aux_source "
+                                                  "auxnet or none and lp.loss penalty"),
     "real inputs from the store with a delayed gradient": (1, ["train", "--config", LP, "--out", "{ws}/new",
-                                                               "lp.real_inputs=beside", "lp.real_source=store",
-                                                               "lp.delayed_grad=keep"],
-                                                           "config key 'lp.real_source' is store, which needs "
-                                                           "lp.real_inputs beside or only, lp.delayed_grad none"),
+                                                               "lp.real_inputs=stored", "lp.delayed_grad=keep"],
+                                                           "config key 'lp.real_inputs' is stored, which needs "
+                                                           "lp.delayed_grad none and lp.aux_source auxnet"),
     "real inputs from the store in per-rank files": (1, ["train", "--config", LP, "--out", "{ws}/new",
-                                                         "lp.real_inputs=beside", "lp.real_source=store",
-                                                         "store.mode=per_rank"],
-                                                     "config key 'lp.real_source' is store, which needs the one shared "
+                                                         "lp.real_inputs=stored", "store.mode=per_rank"],
+                                                     "config key 'lp.real_inputs' is stored, which needs the one shared "
                                                      "HDF5 file"),
     "AuxNet head layers not one per boundary": (1, ["train", "--config", LP, "--out", "{ws}/new",
                                                     "auxnet.head_layers=[1,2]"],

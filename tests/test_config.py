@@ -96,7 +96,34 @@ def test_a_retired_key_that_asks_for_what_remains_still_loads(tmp_path):
     old = tmp_path / "config.yaml"
     old.write_text(yaml.safe_dump(tree))
     cfg = load_config(old)
-    assert cfg.lp.finetune_epochs == 0 and "finetune_schedule" not in cfg.to_yaml()
+    assert cfg.train.finetune_epochs == 0 and "finetune_schedule" not in cfg.to_yaml()
+
+
+def test_a_run_saved_with_the_keys_since_moved_or_folded_loads_with_what_they_meant(tmp_path):
+    """A run directory written before lp.microbatches and lp.finetune_epochs moved, lp.relay
+    was retired and lp.real_source folded into lp.real_inputs (saved configs name every key,
+    at its value) loads with the same layer-parallel phase: its micro-batches (not the
+    parallel.microbatches its fine-tune had), its fine-tune epochs, its stored real inputs."""
+    tree = yaml.safe_load(K2.read_text())
+    tree["parallel"]["microbatches"] = 4
+    tree["lp"].update(microbatches=1, finetune_epochs=2, relay=False, real_inputs="beside", real_source="store")
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump(tree, sort_keys=False))
+    cfg = load_config(old)
+    assert (cfg.parallel.microbatches, cfg.train.finetune_epochs, cfg.lp.real_inputs) == (1, 2, "stored")
+    assert not {"relay", "real_source", "microbatches", "finetune_epochs"} & set(yaml.safe_load(cfg.to_yaml())["lp"])
+    assert load_config(K2, ["lp.real_source=exchange", "lp.real_inputs=beside"]).lp.real_inputs == "beside"
+
+
+def test_the_exchange_relays_where_it_keeps_a_graph_for_the_returned_gradient():
+    """Relay is no key: the AuxNet's exchange with a returned gradient relays (at K = 2 the
+    same schedule as not relaying); without the returned gradient, stored real inputs or an
+    AuxNet it does not."""
+    relays = [load_config(K2, overrides).lp.relays for overrides in (
+        ["lp.real_inputs=beside", "lp.delayed_grad=fused"], ["lp.real_inputs=only", "lp.delayed_grad=keep"],
+        ["lp.real_inputs=beside"], ["lp.real_inputs=stored"],
+        ["lp.aux_source=none", "lp.real_inputs=only", "lp.delayed_grad=fused"])]
+    assert relays == [True, True, False, False, False]
 
 
 @pytest.mark.parametrize("overrides,message", BAD)
@@ -143,3 +170,9 @@ def test_config_round_trips_through_yaml():
     cfg = load_config(K2, ["optim.lr=0.02"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_the_layer_parallel_objective_has_at_most_twelve_keys():
+    """Issue 26: every lp key is a choice a user makes about the objective; a new one
+    retires, folds or moves another (docs/results.md, "Twelve lp keys")."""
+    assert len([key for key in all_keys() if key.startswith("lp.")]) <= 12

@@ -36,7 +36,7 @@ def ranks_of(proc) -> list[int]:
 
 @pytest.mark.parametrize("how,phase,schedule", [
     ("USR1 to mpirun", "layer_parallel", ["train.epochs=3"]),
-    ("TERM to every rank", "finetune", ["train.epochs=1", "lp.finetune_epochs=2"]),
+    ("TERM to every rank", "finetune", ["train.epochs=1", "train.finetune_epochs=2"]),
     ("TERM to hpcaux launch, repeated until the job ends", "layer_parallel", ["train.epochs=3"])])
 def test_stop_signal_saves_and_resume_ends_with_the_weights_of_an_uninterrupted_run(how, phase, schedule, tmp_path,
                                                                                    cifar_root):
@@ -99,12 +99,12 @@ K2 = str(ROOT / "configs" / "cifar10_resnet20_k2.yaml")  # the pipeline without 
 K4 = str(ROOT / "configs" / "cifar10_resnet20_k4.yaml")  # the same, four stages, micro-batches
 EXCHANGES = {"keep": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.delayed_grad=keep"]),
              "fused, AL": (CONFIG, 2, 1, ["lp.real_inputs=only", "lp.delayed_grad=fused", "lp.loss=al"]),
-             "real inputs from the store": (CONFIG, 2, 1, ["lp.real_inputs=beside", "lp.real_source=store"]),
+             "real inputs from the store": (CONFIG, 2, 1, ["lp.real_inputs=stored"]),
              "relay at K = 3": (CONFIG, 3, 1, ["parallel.K=3", "parallel.cuts=[3,6]", "lp.real_inputs=beside",
-                                               "lp.delayed_grad=fused", "lp.relay=true"]),
+                                               "lp.delayed_grad=fused"]),
              "relay at K = 4, 4 micro-batches": (CONFIG, 4, 1, ["parallel.K=4", "parallel.cuts=[3,5,7]",
                                                                 "lp.real_inputs=only", "lp.delayed_grad=keep",
-                                                                "lp.relay=true", "lp.microbatches=4"]),
+                                                                "parallel.microbatches=4"]),
              "the K = 2 config": (K2, 2, 1, []),
              "the K = 2 config, 2 replicas": (K2, 2, 2, ["parallel.D=2", "train.batch_size=16"]),
              "the K = 2 config, weight prediction": (K2, 2, 1, ["lp.weight_prediction=2"]),
@@ -134,7 +134,7 @@ def test_stop_signal_inside_an_epoch_with_the_neighbour_exchange_resumes_exactly
     assert manifest["epoch"] * 16 + manifest["step_in_epoch"] == report["stopped_after_step"] > 16
     if "train.sync_every=5" in overrides:  # the vote is read after steps 5, 10, 15 and 16 (the epoch's last)
         assert manifest["step_in_epoch"] in (0, 5, 10, 15), manifest
-    if manifest["step_in_epoch"] and "lp.real_source=store" not in overrides:  # no messages in flight there
+    if manifest["step_in_epoch"] and "lp.real_inputs=stored" not in overrides:  # no messages in flight there
         assert {f"exchange_{k}_{r}.pt" for k in range(K) for r in range(D)} <= set(manifest["files"])
         assert all((latest / f).is_file() for f in manifest["files"])
     check(mpirun(K * D, [HPCAUX, "train", "--resume", str(stopped)], timeout=300))

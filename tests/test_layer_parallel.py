@@ -54,7 +54,7 @@ def test_neighbour_exchange_sends_real_inputs_and_applies_delayed_gradients(mode
 
 @pytest.mark.parametrize("mode", ["keep", "fused"])
 def test_relay_passes_real_inputs_along_the_chain_with_every_gradient_two_steps_late(mode, cifar_root, tmp_path):
-    """lp.relay at K = 3 (the AuxNet at every boundary): stage 2 trains on stage 1's output
+    """The relayed exchange at K = 3 (the AuxNet at every boundary): stage 2 trains on stage 1's output
     on stage 0's output, stage 1 returns its real-input term's gradient with the AuxNet
     target of that batch, and a stop settles the chain (tests/mpi/check_relay.py)."""
     out = _check_script(3, "check_relay.py", installed_backends()[0], cifar_root, tmp_path, mode)
@@ -70,7 +70,7 @@ def test_real_input_multipliers_are_the_relayed_residual_and_used_the_next_epoch
 
 
 def test_real_inputs_from_the_store_are_the_previous_epochs_outputs(cifar_root, tmp_path):
-    """lp.real_source store: stage 2 trains on what stage 1 wrote to aux.h5 for the same
+    """lp.real_inputs stored: stage 2 trains on what stage 1 wrote to aux.h5 for the same
     samples one epoch earlier (nothing in the first), in buffers that alternate by epoch."""
     out = _check_script(2, "check_stored_real.py", installed_backends()[0], cifar_root, tmp_path)
     assert "stored real inputs: epoch 2 reads epoch 1's outputs; 112 and 112 rows written" in out
@@ -238,7 +238,7 @@ def test_hybrid_finetune_and_al_run_end_to_end_and_eval_agrees(tmp_path, cifar_r
     """One cosine over both phases (8 steps each), so the layer-parallel epoch ends at step
     8 of 16 and the fine-tune at 16."""
     _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "lp.loss=al",
-                                       "lp.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
+                                       "train.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
                                        "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
                                        "optim.warmup_epochs=0")
     assert [m["phase"] for m in metrics] == ["layer_parallel", "finetune"]
@@ -255,7 +255,7 @@ def test_bf16_and_channels_last_train_both_phases_and_eval_in_float32_agrees(con
     exchange and the pipelined fine-tune run their forward passes that way; the boundaries
     and the checkpoint stay float32, so `hpcaux eval` counts what the run counted."""
     _, summary, metrics, out = _lp_run(tmp_path, cifar_root, 2, "train.precision=bf16", "train.channels_last=true",
-                                       "lp.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
+                                       "train.finetune_epochs=1", "data.train_subset=256", "train.epochs=1",
                                        "train.batch_size=32", "data.eval_subset=200", "data.test_subset=500",
                                        "parallel.cuts=[4]", config=config)
     assert summary["precision"] == "bf16" and summary["channels_last"] is True

@@ -55,7 +55,7 @@ def test_fused_holds_the_own_term_back_for_the_returned_gradient():
 
 
 def test_relay_passes_the_real_inputs_along_and_returns_each_gradient_two_ticks_after_its_send():
-    """lp.relay at K = 4: stage k's real input at tick u is micro-batch u-k (the
+    """The relayed exchange at K = 4: stage k's real input at tick u is micro-batch u-k (the
     composition of the stages before it), and every stage's returned gradient comes two
     ticks after the send, whatever k; a middle stage holds back no own term in fused mode."""
     plan = Plan("exchange", 4, 7, 1, "beside", "fused", relay=True)

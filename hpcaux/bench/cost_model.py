@@ -70,6 +70,8 @@ def method_config(spec: BenchSpec, results: dict, name: str):
         method = spec.method(name)
     except KeyError:
         return None
+    if method.retired:
+        return None
     try:
         return load_config(spec.base, results["overrides"] + method_overrides(
             method, spec.K, results["batch_size"], results["epochs"], spec.finetune_epochs, spec.backend))
@@ -121,7 +123,7 @@ def measured_vs_predicted(results: dict) -> list[dict]:
         if cfg is None or cfg.method != "layer_parallel":
             continue
         steps = (results["train_subset"] or 50000) // results["batch_size"]
-        plan = plan_of(cfg.lp, results["K"], steps)
+        plan = plan_of(cfg, results["K"], steps)
         predicted = step_time(plan, measured_costs(plan, rec, _boundary_values(cfg, rec.get("cuts")),
                                                    results["batch_size"]))
         stages, comm = rec["stage_ms_per_rank"], rec["comm_ms_per_rank"]
@@ -211,7 +213,7 @@ PROJECTED_METHODS = {"gpipe": None, "pipeline": "cifar10_resnet20_k2.yaml", "aux
 def _plan(method: str, K: int, steps: int) -> Plan:
     if PROJECTED_METHODS[method] is None:
         return Plan("gpipe", K, steps, PROJECTED_MICROBATCHES)
-    return plan_of(load_config(REPO / "configs" / PROJECTED_METHODS[method]).lp, K, steps)
+    return plan_of(load_config(REPO / "configs" / PROJECTED_METHODS[method]), K, steps)
 
 
 def projection(ks=KS, models=PROJECTED) -> dict:

@@ -29,6 +29,7 @@ class Method:
         return (self.kind or self.name) in LAYER_PARALLEL
 
 
+PIPELINE_MICROBATCHES = 4  # the GPipe baseline's, as in every bench on record (parallel.microbatches' default)
 SERIAL_1 = Method("serial_1thread", "serial backprop, 1 process x 1 thread", False)
 SERIAL_K = Method("serial_kthreads", "serial backprop, 1 process x K threads", False)
 DATA_PARALLEL = Method("data_parallel", "data parallel, K ranks x 1 thread", True)
@@ -69,10 +70,12 @@ def method_overrides(method: Method, K: int, batch: int, epochs: int, finetune_e
         # train.batch_size is per replica: K replicas of batch/K make the same global batch.
         DATA_PARALLEL.name: ["method=data_parallel", "parallel.K=1", "parallel.D=0", "parallel.cuts=[]",
                              "train.threads=1", f"train.batch_size={batch // K}", f"comm.backend={backend}"],
-        PIPELINE.name: ["method=pipeline", f"parallel.K={K}", "parallel.D=1", "train.threads=1", "comm.backend=torch"],
-        LP_PENALTY.name: layer_parallel + ["lp.loss=penalty", "lp.finetune_epochs=0"],
-        LP_AL.name: layer_parallel + ["lp.loss=al", "lp.finetune_epochs=0"],
+        # GPipe in four micro-batches whatever the base config's layer-parallel phase uses
+        PIPELINE.name: ["method=pipeline", f"parallel.K={K}", "parallel.D=1", "train.threads=1", "comm.backend=torch",
+                        f"parallel.microbatches={PIPELINE_MICROBATCHES}"],
+        LP_PENALTY.name: layer_parallel + ["lp.loss=penalty", "train.finetune_epochs=0"],
+        LP_AL.name: layer_parallel + ["lp.loss=al", "train.finetune_epochs=0"],
         # equal epochs in all: the fine-tune's epochs come out of the layer-parallel phase
         LP_AL_FINETUNE.name: layer_parallel + ["lp.loss=al", f"train.epochs={epochs - finetune_epochs}",
-                                               f"lp.finetune_epochs={finetune_epochs}"],
+                                               f"train.finetune_epochs={finetune_epochs}"],
     }[method.name]

@@ -6,7 +6,7 @@ Layout (docs/design.md §4):
     /boundary_{k}/z               (N, C, H, W) stored auxiliary variables  (aux_source: stored)
     /boundary_{k}/lambda          (N, C, H, W) AL multipliers              (lp.loss: al)
     /boundary_{k}/lambda_real     (N, C, H, W) AL multipliers, real input  (lp.loss: al_real)
-    /boundary_{k}/real_{p}        (N, C, H, W) stage k's real outputs,     (real_source: store)
+    /boundary_{k}/real_{p}        (N, C, H, W) stage k's real outputs,     (real_inputs: stored)
                                   written in epochs of parity p, NaN where none was
     /boundary_{k}/snapshots/e{E}  AuxNet outputs A_k(x) on a fixed probe set after epoch E
     /boundary_{k}/real_snapshots/e{E}  the composed network's F_k(...F_0(x)) on the same set

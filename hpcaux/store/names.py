@@ -28,13 +28,13 @@ def lambda_name(b: int) -> str:
 
 
 def lambda_real_name(b: int) -> str:
-    """AL multipliers of stage b's real-input term (lp.loss al_real, lp.relay): its output
+    """AL multipliers of stage b's real-input term (lp.loss al_real, the relayed exchange): its output
     on the relayed real input against the AuxNet's target, one row per training sample."""
     return f"{boundary_group(b)}/lambda_real"
 
 
 def real_name(b: int, parity: int) -> str:
-    """Stage b's real output of every training sample (lp.real_source: store), written in
+    """Stage b's real output of every training sample (lp.real_inputs: stored), written in
     the epochs of this parity (0: the 1st, 3rd, ...), read by stage b+1 in the next one."""
     return f"{boundary_group(b)}/real_{parity}"
 

@@ -79,14 +79,14 @@ class LayerParallelTrainer:
         self.run_store = comm.agree(lambda: RunStore(self.store, cfg, lay, parts.shapes, self.data.n_train),
                                     "the HDF5 store layout")
         self.stop_request, self.stop_vote = stop, StopVote(stop, device, comm.rank, comm.size)
-        # With lp.microbatches M the exchange steps once per micro-batch, M times a step.
-        M = cfg.lp.microbatches
+        # With parallel.microbatches M the exchange steps once per micro-batch, M times a step.
+        M = cfg.parallel.microbatches
         exchange = NeighbourExchange(comm, lay, parts.shapes, cfg.train.batch_size // M, self.steps * M, device,
                                           cfg.lp.delayed_grad, (parts.stage, parts.local_head),
-                                          chained=cfg.lp.aux_source == "none", relay=cfg.lp.relay) \
+                                          chained=cfg.lp.aux_source == "none", relay=cfg.lp.relays) \
             if cfg.lp.exchanges else None
         stored_real = StoredRealInputs(self.store, s - 1 if s > 0 else None, s if s < K - 1 else None, device) \
-            if cfg.lp.real_source == "store" else None
+            if cfg.lp.real_inputs == "stored" else None
         self.step = LayerParallelStep(cfg, lay, comm, device, stage=parts.stage, local_head=parts.local_head,
                                       auxnet=parts.auxnet, stage_opt=parts.stage_opt, aux_opt=parts.aux_opt,
                                       store=self.store, shapes=parts.shapes, stage_group=stage_group,
@@ -132,7 +132,7 @@ class LayerParallelTrainer:
 
     def _run(self, max_epochs: int | None) -> dict:
         cfg, lay, steps = self.cfg, self.layout, self.steps
-        epochs, ft_epochs = cfg.train.epochs, cfg.lp.finetune_epochs
+        epochs, ft_epochs = cfg.train.epochs, cfg.train.finetune_epochs
         last_epoch = epochs + ft_epochs
         if max_epochs:
             last_epoch = min(last_epoch, self.start_epoch + max_epochs)
@@ -188,7 +188,7 @@ class LayerParallelTrainer:
             if self.step.stored_real:
                 self.step.stored_real.start_epoch(epoch)
             if self.step.exchange:
-                self.step.exchange.start_epoch(within * cfg.lp.microbatches,
+                self.step.exchange.start_epoch(within * cfg.parallel.microbatches,
                                                self.resumed_exchange if epoch == self.start_epoch else None)
 
         def end(epoch: int, totals) -> dict:
@@ -205,7 +205,7 @@ class LayerParallelTrainer:
         """The learning rate by step: one schedule over both phases (the fine-tune goes on
         with the stage optimisers where the layer-parallel epochs left them)."""
         steps = self.steps
-        return LrSchedule(self.cfg.optim, steps * (self.cfg.train.epochs + self.cfg.lp.finetune_epochs), steps)
+        return LrSchedule(self.cfg.optim, steps * (self.cfg.train.epochs + self.cfg.train.finetune_epochs), steps)
 
     def _finetune(self, progress, log, last_epoch: int) -> list:
         """Serial-parallel hybrid: end-to-end backprop of the composed network, pipelined over send/recv."""

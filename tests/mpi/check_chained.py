@@ -1,5 +1,5 @@
 """The pipeline without an AuxNet (lp.aux_source=none) at K stages, under mpirun -np K:
-python check_chained.py BACKEND DATA_ROOT RUN_DIR MODE M   (MODE: fused or keep; M: lp.microbatches)
+python check_chained.py BACKEND DATA_ROOT RUN_DIR MODE M   (MODE: fused or keep; M: parallel.microbatches)
 
 Each step's batch is M micro-batches, each one step u of the exchange (u = M s + m). Stage
 k runs micro-batch j at exchange step j+k and applies the gradient for it at exchange step
@@ -26,7 +26,7 @@ backend, data_root, run_dir, mode, M = sys.argv[1], sys.argv[2], Path(sys.argv[3
 comm = make_comm(backend)
 K = comm.size
 cfg = tiny_config(data_root, backend, K, 1, "lp.aux_source=none", "lp.real_inputs=only", f"lp.delayed_grad={mode}",
-                  "lp.local_cls_weight=0", "data.train_subset=512", f"lp.microbatches={M}")  # 32 steps: none near the epoch end
+                  "lp.local_cls_weight=0", "data.train_subset=512", f"parallel.microbatches={M}")  # 32 steps: none near the epoch end
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 k, exchange = trainer.layout.stage, trainer.step.exchange
 STEPS = 2 * K + 3  # the first stage applies gradients from exchange step 2(K-1) on

@@ -22,7 +22,8 @@ backend, data_root, run_root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 K, D, modes = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 comm = make_comm(backend)
 rho = 2.0
-OVERRIDES = {"penalty": ["optim.label_smoothing=0.1", "lp.local_head=conv"], "al": ["lp.loss=al", "store.mode=mpio"],
+OVERRIDES = {"penalty": ["optim.label_smoothing=0.1", "lp.local_head=conv"],
+             "al": ["lp.loss=al", "store.mode=mpio", "lp.local_head=conv2"],
              "stored": ["lp.aux_source=stored", "data.augment=false"]}
 
 

@@ -1,7 +1,7 @@
 """AL multipliers on the relayed real-input term (lp.loss al_real) under mpirun -np 3:
     python check_real_multipliers.py BACKEND DATA_ROOT RUN_DIR
 
-At K = 3 with lp.relay (fused), over one epoch and the first steps of the next:
+At K = 3 with the relayed exchange (fused), over one epoch and the first steps of the next:
 * after the epoch, stage 1's lambda_real row of every sample whose real input it trained
   on is rho x (its output on that real input, at the weights of that step, minus the
   AuxNet's target of the batch); the rows of the last batch, whose real input never came
@@ -21,7 +21,7 @@ from hpcaux.train.layer_parallel import LayerParallelTrainer
 
 backend, data_root, run_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", "lp.delayed_grad=fused", "lp.relay=true",
+cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", "lp.delayed_grad=fused",
                   "lp.loss=al_real", "train.batch_size=32", "data.train_subset=256")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 step, exchange, stage, k = trainer.step, trainer.step.exchange, trainer.parts.stage, trainer.layout.stage

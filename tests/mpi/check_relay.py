@@ -1,4 +1,4 @@
-"""The AuxNet at every boundary (lp.relay) under mpirun -np 3:  python check_relay.py BACKEND DATA_ROOT RUN_DIR MODE
+"""The AuxNet at every boundary (the relayed exchange) under mpirun -np 3:  python check_relay.py BACKEND DATA_ROOT RUN_DIR MODE
 
 MODE is keep or fused (lp.delayed_grad; lp.real_inputs beside). Over the first steps of
 an epoch at K = 3:
@@ -28,7 +28,7 @@ from hpcaux.train.lp.losses import real_input_term, stage_term
 
 backend, data_root, run_dir, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", f"lp.delayed_grad={mode}", "lp.relay=true",
+cfg = tiny_config(data_root, backend, 3, 1, "lp.real_inputs=beside", f"lp.delayed_grad={mode}",
                   "train.batch_size=32", "data.train_subset=512")
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 step, exchange, stage, k = trainer.step, trainer.step.exchange, trainer.parts.stage, trainer.layout.stage

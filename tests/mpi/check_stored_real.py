@@ -1,6 +1,6 @@
 """Real inputs through the HDF5 store under mpirun -np 2:  python check_stored_real.py BACKEND DATA_ROOT RUN_DIR
 
-Two epochs of lp.real_inputs=beside lp.real_source=store through the trainer's own loop,
+Two epochs of lp.real_inputs=stored through the trainer's own loop,
 with what each stage writes to and reads from the store recorded:
 * epoch 1: stage 2 finds nothing stored and trains on the AuxNet alone, while stage 1
   writes its output of every sample it trains on (to real_0);
@@ -22,7 +22,7 @@ from hpcaux.train.layer_parallel import LayerParallelTrainer
 
 backend, data_root, run_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 comm = make_comm(backend)
-cfg = tiny_config(data_root, backend, 2, 1, "lp.real_inputs=beside", "lp.real_source=store", "train.epochs=2",
+cfg = tiny_config(data_root, backend, 2, 1, "lp.real_inputs=stored", "train.epochs=2",
                   "data.train_subset=120", "store.probe_size=0")  # 7 batches of 16: 8 samples dropped per epoch
 trainer = LayerParallelTrainer(cfg, run_dir, comm, torch.device("cpu"))
 stored = trainer.step.stored_real

@@ -63,9 +63,10 @@ def real_input_term(output, labels, *, is_last: bool, local_head=None, local_wei
                     target=None, rho: float = 0.0, multiplier=None, criterion=F.cross_entropy) -> StageTerm:
     """What stage k learns from stage k-1's real output on an earlier batch (labels of
     that batch): the cross-entropy on the last stage, the local classifier's elsewhere,
-    and where the AuxNet's target of that batch is at hand (lp.relay) the penalty pulling
-    the output towards it, with that batch's multipliers under lp.loss al_real. The
-    target enters detached: the AuxNet learns its side from the stage's own term."""
+    and where the AuxNet's target of that batch is at hand (the relayed exchange) the
+    penalty pulling the output towards it, with that batch's multipliers under lp.loss
+    al_real. The target enters detached: the AuxNet learns its side from the stage's own
+    term."""
     if is_last:
         ce = criterion(output, labels)
         return StageTerm(ce, None, {"real_ce": ce.detach()})

@@ -3,13 +3,15 @@ alone, so that every rank (and the one-process twin in hpcaux.train.lp.joint) bu
 same initial weights without communicating."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from hpcaux.config import Config
 from hpcaux.models.auxnet import AuxNet
 from hpcaux.models.blocks import ClassifierHead, ConvClassifierHead
 
-LOCAL_HEADS = {"linear": ClassifierHead, "conv": ConvClassifierHead}
+LOCAL_HEADS = {"linear": ClassifierHead, "conv": ConvClassifierHead, "conv2": partial(ConvClassifierHead, convs=2)}
 
 
 def build_local_head(cfg: Config, shapes, stage: int, num_classes: int) -> torch.nn.Module:

@@ -97,7 +97,7 @@ def build_stage_parts(cfg: Config, comm, layout: Layout, data, device: torch.dev
     precision.prepare(model)  # the cut is timed in the run's memory format
     in_flight = graphs_in_flight(K, s, cfg.lp.aux_source == "none", cfg.lp.delayed_grad) if cfg.lp.exchanges else 0
     partition = agree_on_partition(
-        cfg.parallel, comm, model, cut_timing_sample(data, device, cfg.train.batch_size // cfg.lp.microbatches),
+        cfg.parallel, comm, model, cut_timing_sample(data, device, cfg.train.batch_size // cfg.parallel.microbatches),
         s, precision.forward, cfg.lp.boundary_norm, cuts=cuts, in_flight=in_flight)
     stages = make_stages(model, partition.cuts, boundary_norm=cfg.lp.boundary_norm)
     shapes = boundary_shapes(stages, data.image_shape, device)

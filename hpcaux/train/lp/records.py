@@ -79,7 +79,7 @@ def run_summary(trainer, final: dict, timers: dict, steps_done: int, times: dict
     train_s = times["train_s"]
     return {"method": "layer_parallel", "model": cfg.model.arch, "dataset": cfg.data.dataset,
             "K": lay.K, "D": lay.D, **trainer.parts.partition.summary(), "loss": cfg.lp.loss, "aux_source": cfg.lp.aux_source,
-            "epochs": cfg.train.epochs, "finetune_epochs": cfg.lp.finetune_epochs, "train_samples": trainer.data.n_train,
+            "epochs": cfg.train.epochs, "finetune_epochs": cfg.train.finetune_epochs, "train_samples": trainer.data.n_train,
             **heldout_summary(trainer.data, cfg.data),
             "test_acc": final["composed_acc"], "auxnet_path_acc": final.get("auxnet_path_acc"),
             "final_rel_gap": final.get("rel_gap"), **times,

@@ -38,7 +38,7 @@ class RunSaver:
         self.run_store.record_epoch(epoch - 1, record)
         if self.cfg.store.probe_size:
             self.run_store.record_snapshots(epoch, self.probe_outputs())
-        every, run_ends = self.cfg.ckpt.every, epoch == self.cfg.train.epochs + self.cfg.lp.finetune_epochs
+        every, run_ends = self.cfg.ckpt.every, epoch == self.cfg.train.epochs + self.cfg.train.finetune_epochs
         if not run_ends and (epoch == last_epoch or (every > 0 and epoch % every == 0)):
             self.save(f"epoch_{epoch}", epoch, record["phase"])
         else:

@@ -25,7 +25,7 @@ Paths:
   auxnet    the AuxNet objective alone: no messages between stages;
   exchange  the AuxNet with the neighbour exchange (lp.real_inputs, lp.delayed_grad):
             stage k trains at tick u on stage k-1's output of tick u-1 as well and
-            gets its own output's gradient back at tick u+2; with lp.relay a middle
+            gets its own output's gradient back at tick u+2; relayed (LayerParallelConfig.relays) a middle
             stage sends on its forward on that real input, so stage k's real input is
             micro-batch u-k, and the gradient still returns two ticks after the send;
   chained   the pipeline without an AuxNet (lp.aux_source none): stage k runs
@@ -83,23 +83,24 @@ class Plan:
     microbatches: int = 1        # M: micro-batches per step
     real_inputs: str = "none"    # exchange: none | beside | only
     delayed_grad: str = "none"   # exchange, chained: none | keep | fused
-    relay: bool = False          # exchange: middle stages send on their real-input forward (lp.relay)
+    relay: bool = False          # exchange: middle stages send on their real-input forward (lp.relays)
 
     @property
     def ticks(self) -> int:
         return self.steps * self.microbatches
 
 
-def plan_of(lp, K: int, steps: int) -> Plan:
-    """The timetable a layer-parallel phase with the `lp` config runs (the cost model
-    plays it; step.py and exchange.py run it): the pipeline without an AuxNet, the AuxNet
-    with the neighbour exchange, or the AuxNet objective alone (stored real inputs send
-    nothing)."""
+def plan_of(cfg, K: int, steps: int) -> Plan:
+    """The timetable a layer-parallel phase of config `cfg` runs at K stages (the cost
+    model plays it; step.py and exchange.py run it): the pipeline without an AuxNet, the
+    AuxNet with the neighbour exchange, or the AuxNet objective alone (stored real inputs
+    send nothing)."""
+    lp, M = cfg.lp, cfg.parallel.microbatches
     if lp.aux_source == "none":
-        return Plan("chained", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad)
+        return Plan("chained", K, steps, M, lp.real_inputs, lp.delayed_grad)
     if lp.exchanges:
-        return Plan("exchange", K, steps, lp.microbatches, lp.real_inputs, lp.delayed_grad, lp.relay)
-    return Plan("auxnet", K, steps, lp.microbatches)
+        return Plan("exchange", K, steps, M, lp.real_inputs, lp.delayed_grad, lp.relays)
+    return Plan("auxnet", K, steps, M)
 
 
 def gradient_delay(K: int, stage: int, chained: bool) -> int:
@@ -109,14 +110,15 @@ def gradient_delay(K: int, stage: int, chained: bool) -> int:
     return 2 * (K - 1 - stage) if chained else 2
 
 
-def gradient_delays_in_steps(lp, K: int) -> list[float]:
+def gradient_delays_in_steps(cfg, K: int) -> list[float]:
     """Per stage, how many optimiser steps after its forward the gradient returned for its
-    output is applied, for the run's `lp` config (recorded in RUN/aux.h5): delay ticks / M;
+    output is applied, for the run's config (recorded in RUN/aux.h5): delay ticks / M;
     0 on the last stage; NaN where no gradient returns (the AuxNet objective alone, stored
     real inputs, lp.delayed_grad none)."""
+    lp, M = cfg.lp, cfg.parallel.microbatches
     returns = lp.exchanges and lp.delayed_grad != "none"
     chained = lp.aux_source == "none"
-    return [math.nan if not returns else 0.0 if k == K - 1 else gradient_delay(K, k, chained) / lp.microbatches
+    return [math.nan if not returns else 0.0 if k == K - 1 else gradient_delay(K, k, chained) / M
             for k in range(K)]
 
 

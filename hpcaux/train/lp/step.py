@@ -4,10 +4,10 @@
      target), the stored z of the batch (aux_source: stored), or only the image for the
      first stage (aux_source: none, where every later stage trains on real inputs alone);
      with lp.real_inputs, stage k-1's real output of the batch, from the neighbour
-     exchange or (lp.real_source: store) from last epoch's rows in the store;
+     exchange or (lp.real_inputs: stored) from last epoch's rows in the store;
   2. gradients: forward and backward of the rank's own term (losses.stage_term), then the
      input/target gradients back-propagated into the AuxNet (a separate backward, timed on
-     its own); once per micro-batch (lp.microbatches), the gradients averaged over them;
+     its own); once per micro-batch (parallel.microbatches), the gradients averaged over them;
   3. synchronise: ONE world allreduce of the AuxNet gradients (summed over stages,
      averaged over replicas), the AuxNet BatchNorm buffers (averaged) and the stop vote,
      or the stored z gradients of the batch over the replica, or (aux_source none) the
@@ -91,14 +91,14 @@ class LayerParallelStep:
     # --- 2. + 3. gradients and the step's communication ---------------------------------
     def compute_gradients(self, x, y, idx, rho: float) -> StepOutputs:
         """Forward, backward and the step's communication; leaves synchronised .grad. With
-        lp.microbatches M > 1 the batch goes through the pipeline as M micro-batches, each
+        parallel.microbatches M > 1 the batch goes through the pipeline as M micro-batches, each
         one step of the exchange, and .grad (the stage's and the AuxNet's) holds the mean
         of their gradients."""
         self.stage_opt.zero_grad(set_to_none=True)
         if self.aux_opt:
             self.aux_opt.zero_grad(set_to_none=True)
         self.weight_version, self.rho = None, rho
-        M = self.cfg.lp.microbatches
+        M = self.cfg.parallel.microbatches
         if M == 1:
             step = self._micro_step(x, y, idx, rho)
         else:
@@ -120,10 +120,11 @@ class LayerParallelStep:
         real output of the previous step, sends its own output on, back-propagates the
         gradient stage k+1 returned for an earlier output, and returns its input gradient
         (without an AuxNet the real input is the stage's only one: exchange.py). With
-        lp.real_source store the real input is stage k-1's output of last epoch, read from
-        the store, and this stage's real output is written there (stored_real.py). With
-        lp.relay a middle stage sends on its output on the real input instead of that on
-        the AuxNet's prediction, and keeps that graph for the returned gradient."""
+        lp.real_inputs stored the real input is stage k-1's output of last epoch, read from
+        the store, and this stage's real output is written there (stored_real.py). Relayed
+        (LayerParallelConfig.relays) a middle stage sends on its output on the real input
+        instead of that on the AuxNet's prediction, and keeps that graph for the returned
+        gradient."""
         t0 = time.perf_counter()
         exchange, lp = self.exchange, self.cfg.lp
         real = exchange.begin_step(y) if exchange else self.stored_real.read(idx, y) if self.stored_real else None
@@ -201,7 +202,7 @@ class LayerParallelStep:
             lp = self.cfg.lp
             self.weight_version = WeightStash(self.stage, self.local_head, optimizer=self.stage_opt,
                                               steps_ahead=lp.weight_prediction * self.exchange.delay
-                                              / (2 * lp.microbatches))
+                                              / (2 * self.cfg.parallel.microbatches))
         return self.weight_version
 
     def _store_real_output(self, idx, out, real, real_out):

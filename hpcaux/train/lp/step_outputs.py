@@ -24,7 +24,7 @@ class StepOutputs:
 
     @staticmethod
     def merged(parts: list["StepOutputs"]) -> "StepOutputs":
-        """One step's outputs from those of its micro-batches (lp.microbatches: no
+        """One step's outputs from those of its micro-batches (parallel.microbatches: no
         multiplier or stored input): mean loss and parts, summed times, and the outputs
         and AuxNet targets of the whole batch where every micro-batch has them."""
         def mean(values):

@@ -2,7 +2,7 @@
 
 z_k (stored auxiliary variables), lambda_k (AL multipliers; lambda_real_k those of the
 relayed real-input term) and stage k's real outputs
-(lp.real_source: store) belong to boundary k, whose owner is stage k's rank in replica 0;
+(lp.real_inputs: stored) belong to boundary k, whose owner is stage k's rank in replica 0;
 snapshots of AuxNet head k are written by that rank too. Metric series are written by rank 0, which holds the gathered values.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class RunStore:
             if cfg.lp.aux_source == "stored":
                 store.declare(ArraySpec(z_name(b), (n_train, *shapes[b]), dtype, owner,
                                         holders=(owner, layout.rank_of(b + 1, 0)), writers=(owner,), chunks=chunk))
-            if cfg.lp.real_source == "store":
+            if cfg.lp.real_inputs == "stored":
                 replicas = tuple(layout.stage_ranks(b))
                 readers = tuple(layout.stage_ranks(b + 1))
                 for parity in (0, 1):
@@ -48,7 +48,7 @@ class RunStore:
         store.write_meta({"config": cfg.to_yaml(), "version": __version__, "K": K, "D": layout.D,
                           "dataset": cfg.data.dataset, "model": cfg.model.arch, "git_sha": git_sha(),
                           "mode": store.mode, "boundary_shapes": np.array([list(s) for s in shapes]),
-                          "gradient_delay_steps": np.array(gradient_delays_in_steps(cfg.lp, K))})
+                          "gradient_delay_steps": np.array(gradient_delays_in_steps(cfg, K))})
 
     def record_epoch(self, epoch_index: int, record: dict):
         """One row of every series (a collective write on every rank)."""

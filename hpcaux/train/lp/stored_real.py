@@ -1,10 +1,10 @@
-"""Real inputs through the HDF5 store: the zero-communication variant of `lp.real_inputs`
-(`lp.real_source: store`, docs/algorithm.md).
+"""Real inputs through the HDF5 store: the zero-communication variant of the real inputs
+(`lp.real_inputs: stored`, docs/algorithm.md).
 
 Stage k writes its real output of every sample it trains on to RUN/aux.h5; stage k+1
 reads, for the samples of its batch, what stage k wrote for them in the previous epoch,
-and trains on it beside (or, with lp.real_inputs only, instead of) the AuxNet's
-prediction. No message passes between the stages during an epoch, and no gradient goes
+and trains on it beside the AuxNet's prediction (instead of it, measured no better, was
+retired). No message passes between the stages during an epoch, and no gradient goes
 back: the AuxNet still trains stage k. An output of last epoch's crop is still a valid
 pair with the sample's label.
 
