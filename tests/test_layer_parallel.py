@@ -38,7 +38,7 @@ def test_stored_z_gradients_and_z_step_equal_one_process(cifar_root, tmp_path):
     assert out.count("stored gradients match") == 2
 
 
-@pytest.mark.parametrize("K,D,M", [(2, 1, 1), (2, 1, 4), (3, 1, 3), (2, 2, 4)])
+@pytest.mark.parametrize("K,D,M", [(2, 1, 1), (2, 1, 4), (3, 1, 2), (2, 2, 4)])
 def test_finetune_step_equals_one_process_backprop(K, D, M, cifar_root, tmp_path):
     """M micro-batches (a GPipe pipeline): the gradient of one process on the same micro-batches."""
     out = _check_script(K * D, "check_finetune.py", installed_backends()[0], cifar_root, tmp_path, K, D, M)
